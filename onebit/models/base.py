@@ -1,0 +1,143 @@
+"""Building blocks shared by the model files: ternary linear, RMSNorm, and batched causal attention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import FormatError
+from ..weights.packing import TernaryWeight
+
+
+class TernaryLinear:
+    """y = x @ W.T for a ternary W, through ``backend.ternary_matmul`` (act_bits=8: int8 activations)."""
+
+    def __init__(self, backend, w: TernaryWeight, act_bits: int | None):
+        self.backend, self.act_bits = backend, act_bits
+        self.in_features, self.out_features = w.in_features, w.out_features
+        self.w = backend.prepare_ternary(w)
+
+    def __call__(self, x):
+        return self.backend.ternary_matmul(x, self.w, self.act_bits)
+
+
+class RMSNorm:
+    def __init__(self, backend, weight: np.ndarray, eps: float):
+        self.backend, self.eps = backend, eps
+        self.weight = backend.prepare_dense(weight)
+
+    def __call__(self, x):
+        return self.backend.rmsnorm(x, self.weight, self.eps)
+
+
+@dataclass
+class Segment:
+    """One sequence's share of a batched step: ``n`` new tokens appended to ``cache`` from ``start``."""
+
+    cache: Any
+    start: int
+    n: int
+
+
+def causal_attention(backend, cfg: ModelConfig, layer: int, q, k, v, segments: list[Segment]):
+    """RoPE, KV append and causal GQA attention for every segment of a batched step.
+
+    q [T, Hq*D], k/v [T, Hkv*D] for T = sum of segment lengths -> [T, Hq*D].
+    """
+    t = sum(s.n for s in segments)
+    q = q.reshape(t, cfg.num_attention_heads, cfg.head_dim)  # (tokens, heads, head_dim)
+    k = k.reshape(t, cfg.num_key_value_heads, cfg.head_dim)
+    v = v.reshape(t, cfg.num_key_value_heads, cfg.head_dim)
+    positions = np.concatenate([np.arange(s.start, s.start + s.n) for s in segments])
+    q, k = backend.rope(q, positions, cfg.rope_theta), backend.rope(k, positions, cfg.rope_theta)
+    outs, i = [], 0
+    for s in segments:
+        backend.kv_append(s.cache, layer, k[i:i + s.n], v[i:i + s.n], s.start)
+        outs.append(backend.attention(q[i:i + s.n], s.cache, layer, s.start))
+        i += s.n
+    return backend.concat(outs).reshape(t, cfg.q_size)
+
+
+class WeightSource:
+    """Hands out named weights once each, with clear errors for missing or mis-shaped tensors."""
+
+    def __init__(self, weights: dict[str, Any], origin: str):
+        self.weights, self.origin, self.used = weights, origin, set()
+
+    def get(self, name: str, shape: tuple[int, ...]):
+        if name not in self.weights:
+            raise FormatError(f"{self.origin}: missing tensor {name!r}")
+        w = self.weights[name]
+        got = tuple(w.shape)
+        if got != tuple(shape):
+            raise FormatError(f"{self.origin}: tensor {name!r} has shape {got}, expected {tuple(shape)}")
+        self.used.add(name)
+        return w
+
+    def ternary(self, name: str, shape: tuple[int, int]) -> TernaryWeight:
+        w = self.get(name, shape)
+        if not isinstance(w, TernaryWeight):
+            raise FormatError(f"{self.origin}: tensor {name!r} is not ternary")
+        return w
+
+    def has(self, name: str) -> bool:
+        return name in self.weights
+
+
+class CausalLM:
+    """What every architecture provides: ``forward(ids, cache) -> logits`` and ``make_cache``.
+
+    Subclasses name their ``layer_class`` (callable (x, segments, layer_index) -> x); ``forward_batch`` runs several sequences' new tokens through one step, so each weight is
+    read once for all of them.
+    """
+
+    layer_class: type
+
+    def __init__(self, cfg: ModelConfig, weights: WeightSource, backend):
+        self.config, self.backend = cfg, backend
+        v, h = cfg.vocab_size, cfg.hidden_size
+        self.embed = backend.prepare_dense(weights.get("model.embed_tokens.weight", (v, h)))
+        self.layers = [self.layer_class(cfg, backend, weights, i) for i in range(cfg.num_hidden_layers)]
+        self.norm = RMSNorm(backend, weights.get("model.norm.weight", (h,)), cfg.rms_norm_eps)
+        if cfg.tie_word_embeddings or not weights.has("lm_head.weight"):
+            self.lm_head = self.embed
+        else:
+            self.lm_head = backend.prepare_dense(weights.get("lm_head.weight", (v, h)))
+
+    def make_cache(self, max_len: int | None = None):
+        cfg = self.config
+        n = max_len or cfg.max_position_embeddings
+        return self.backend.make_cache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, n)
+
+    def forward(self, ids, cache):
+        """ids int [T] appended to ``cache`` -> float32 logits [T, vocab] (NumPy)."""
+        return self.forward_batch([(ids, cache)])[0]
+
+    def forward_batch(self, items: list[tuple[Any, Any]], last_only: bool = False) -> list[np.ndarray]:
+        """[(ids, cache), ...] -> per item float32 logits [T_i, vocab] (or [1, vocab] with last_only)."""
+        b = self.backend
+        segments, id_blocks = [], []
+        for ids, cache in items:
+            ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+            if cache.length + ids.size > cache.max_len:
+                raise ValueError(f"context full: {cache.length} + {ids.size} tokens > {cache.max_len}")
+            segments.append(Segment(cache, cache.length, ids.size))
+            id_blocks.append(ids)
+        x = b.embed(self.embed, np.concatenate(id_blocks))
+        for i, layer in enumerate(self.layers):
+            x = layer(x, segments, i)
+        x = self.norm(x)
+        if last_only:
+            ends = np.cumsum([s.n for s in segments]) - 1
+            x = x[ends]
+            spans = [(j, j + 1) for j in range(len(segments))]
+        else:
+            starts = np.cumsum([0] + [s.n for s in segments])
+            spans = list(zip(starts[:-1], starts[1:]))
+        logits = b.to_numpy(b.dense_matmul(x, self.lm_head))
+        for s in segments:
+            s.cache.length = s.start + s.n
+        return [logits[lo:hi] for lo, hi in spans]
