@@ -44,9 +44,11 @@ def generate_step(net, prompt_ids: Sequence[int], sampler, cache=None, max_token
 
 
 def generate_text(model, prompt_ids: Sequence[int], params: SamplingParams, max_tokens: int = 256,
-                  stop: Sequence[str] = (), stop_token_ids: Sequence[int] | None = None) -> Iterator[str]:
+                  stop: Sequence[str] = (), stop_token_ids: Sequence[int] | None = None, cache=None,
+                  tokens_out: list[int] | None = None) -> Iterator[str]:
     """Text pieces: UTF-8-safe streaming detokenization, stop token ids (default: the model's EOS ids) and
-    stop strings that may span tokens (never partially emitted)."""
+    stop strings that may span tokens (never partially emitted). ``cache`` may hold a prefix of the prompt;
+    sampled token ids are appended to ``tokens_out``."""
     from .sampling import make_sampler
     from .stops import StopMatcher
 
@@ -56,11 +58,13 @@ def generate_text(model, prompt_ids: Sequence[int], params: SamplingParams, max_
     detok = model.tokenizer.detokenizer(skip_special_tokens=True)
     matcher = StopMatcher(list(stop)) if stop else None
     sampler = make_sampler(params)
-    room = model.config.max_position_embeddings - len(prompt_ids)
+    context = cache.max_len if cache is not None else model.config.max_position_embeddings
+    room = context - len(prompt_ids)
     if room <= 0:
-        raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context holds "
-                         f"{model.config.max_position_embeddings}")
-    for step in generate_step(model.net, prompt_ids, sampler, max_tokens=min(max_tokens, room)):
+        raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context holds {context}")
+    for step in generate_step(model.net, prompt_ids, sampler, cache=cache, max_tokens=min(max_tokens, room)):
+        if tokens_out is not None:
+            tokens_out.append(step.token)
         if step.token in stop_ids:
             break
         piece = detok.add(step.token)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import FormatError, OneBitError
+from .errors import FormatError
 from .kernels import get_backend
 from .model import Model, ModelInfo
 
@@ -21,7 +21,7 @@ def load(path: str, backend: str = "auto", *, ternarize: bool = False, act_bits:
     - ``tokenizer``: True loads the model's own (an error if missing), False skips it, a path loads that folder.
     """
     path = os.fspath(path)
-    cfg, weights, info, tok = _read(path, ternarize, tokenizer)
+    cfg, weights, info, tok = read_checkpoint(path, ternarize, tokenizer)
     if act_bits != "auto":
         if act_bits not in (None, 8):
             raise ValueError(f"act_bits must be 8 or None, got {act_bits!r}")
@@ -34,7 +34,8 @@ def load(path: str, backend: str = "auto", *, ternarize: bool = False, act_bits:
     return Model(cfg, net, tok, be, info)
 
 
-def _read(path: str, ternarize: bool, tokenizer):
+def read_checkpoint(path: str, ternarize: bool = False, tokenizer: bool | str = True):
+    """(config, weights, info, tokenizer) from any supported path, without building a model."""
     if path in BUILTIN:
         from .synth import builtin_model
 
@@ -43,7 +44,7 @@ def _read(path: str, ternarize: bool, tokenizer):
         if not os.path.exists(os.path.join(path, "config.json")):
             ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
             if len(ggufs) == 1:
-                return _read(os.path.join(path, ggufs[0]), ternarize, tokenizer)
+                return read_checkpoint(os.path.join(path, ggufs[0]), ternarize, tokenizer)
             raise FormatError(f"{path}: no config.json (not an HF checkpoint) and no single .gguf file inside")
         return _read_hf(path, ternarize, tokenizer)
     if os.path.isfile(path):
@@ -105,4 +106,4 @@ def _fill_special_ids(cfg, tok) -> None:
         cfg.eos_token_id = list(tok.eos_token_ids)
 
 
-__all__ = ["load", "OneBitError"]
+__all__ = ["load", "read_checkpoint"]
