@@ -26,6 +26,7 @@ class ChatSession:
         self.messages.append({"role": "user", "content": text})
         ids = self.model.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=True)
         keep = _common_prefix(self.cached, ids)
+        self.last_reused = keep  # prompt tokens whose K/V came from the cache
         self.cache.trim(keep)
         self.cached = self.cached[:keep]
         generated: list[int] = []

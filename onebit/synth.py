@@ -21,14 +21,15 @@ SPECS: dict[str, dict] = {
 
 
 def random_weights(cfg: ModelConfig, seed: int = 0) -> dict:
-    """Ternary linears (about 1/3 zeros, one absmean-like scale each), N(0, 1) rows for the embedding,
-    norms near 1. Float tensors are float32."""
+    """Ternary linears (about 1/3 zeros, one absmean-like scale each), N(0, 2/sqrt(hidden)) embedding rows
+    (tied logits then have a spread of about 2, so sampling has choices), norms near 1. Float32."""
     rng = np.random.default_rng(seed)
     h, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     shapes = {"self_attn.q_proj": (cfg.q_size, h), "self_attn.k_proj": (cfg.kv_size, h),
               "self_attn.v_proj": (cfg.kv_size, h), "self_attn.o_proj": (h, cfg.q_size),
               "mlp.gate_proj": (f, h), "mlp.up_proj": (f, h), "mlp.down_proj": (h, f)}
-    w: dict = {"model.embed_tokens.weight": rng.standard_normal((cfg.vocab_size, h), dtype=np.float32)}
+    embed = rng.standard_normal((cfg.vocab_size, h), dtype=np.float32) * np.float32(2 / np.sqrt(h))
+    w: dict = {"model.embed_tokens.weight": embed}
     for i in range(L):
         p = f"model.layers.{i}."
         for name, shape in shapes.items():
