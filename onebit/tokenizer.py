@@ -141,7 +141,8 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, metadata: Mapping[str, Any]) -> Tokenizer:
-        """Build from GGUF metadata whose values are already Python strings, numbers and lists."""
+        """Build from GGUF metadata (strings, numbers, lists; NumPy arrays are turned into lists)."""
+        metadata = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in metadata.items()}
         kind = metadata.get(MODEL)
         tokens = metadata.get(TOKENS)
         if not tokens:

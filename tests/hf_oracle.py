@@ -101,7 +101,7 @@ def write_bitnet_master(folder: str, cfg, seed: int = 0) -> None:
 
 
 def write_trilm(folder: str, cfg, shards: int = 1, axis_by_name=None, seed: int = 0,
-                ternary: bool = True) -> None:
+                ternary: bool = True, head_gain: float = 1.0) -> None:
     """TriLM unpacked: LlamaForCausalLM in fp16 whose linears are ternary x one scale per shard
     (output-row blocks for q/k/v/gate/up, input-column blocks for o/down, unless axis_by_name says)."""
     from transformers import LlamaForCausalLM
@@ -119,6 +119,8 @@ def write_trilm(folder: str, cfg, shards: int = 1, axis_by_name=None, seed: int 
                 s = scales.repeat_interleave(p.shape[axis] // shards)
                 s = s[:, None] if axis == 0 else s[None, :]
                 p.copy_((t * s.half().float()).half().float())
+            elif name == "lm_head.weight":
+                p.mul_(head_gain)  # sharper logits: fewer near-ties for tests against approximate peers
     model.half().save_pretrained(folder)
 
 

@@ -23,7 +23,7 @@ def main(args) -> int:
     if os.path.exists(args.dst) and not args.force:
         raise ValueError(f"{args.dst} exists (use --force to overwrite)")
     cfg, weights, _, tok = read_checkpoint(args.src, ternarize=args.ternarize)
-    meta = tok.to_gguf_metadata() if tok is not None else {}
+    meta = tok.to_gguf_metadata(vocab_size=cfg.vocab_size) if tok is not None else {}
     bar = tqdm(total=len(weights), unit="tensor", desc=f"writing {os.path.basename(args.dst)}")
 
     def progress(done: int, total: int) -> None:

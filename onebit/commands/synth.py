@@ -30,7 +30,7 @@ def main(args) -> int:
     if args.out.endswith(".gguf"):
         from ..weights.gguf import save_gguf_model
 
-        save_gguf_model(args.out, cfg, weights, tok.to_gguf_metadata(), args.ttype)
+        save_gguf_model(args.out, cfg, weights, tok.to_gguf_metadata(vocab_size=cfg.vocab_size), args.ttype)
     else:
         from ..weights.hf import write_hf
 
