@@ -12,13 +12,14 @@ BUILTIN = ("tiny-random",)
 
 
 def load(path: str, backend: str = "auto", *, ternarize: bool = False, act_bits: int | None | str = "auto",
-         tokenizer: bool | str = True, threads: int | None = None) -> Model:
+         tokenizer: bool | str = True, threads: int | None = None, lm_head: str = "f16") -> Model:
     """Load a model from an HF folder, a GGUF file or a built-in name.
 
     - ``backend``: "auto" (fastest available), "cuda", "cpu" or "numpy".
     - ``ternarize``: quantize a full-precision LLaMA checkpoint with absmean (quality drops).
     - ``act_bits``: "auto" keeps the format's math (8 for BitNet, None for TriLM); 8 or None overrides.
     - ``tokenizer``: True loads the model's own (an error if missing), False skips it, a path loads that folder.
+    - ``threads``: CPU threads (default: all cores); ``lm_head``: "f16" (exact) or "int8" (per-row, half the bytes).
     """
     path = os.fspath(path)
     cfg, weights, info, tok = read_checkpoint(path, ternarize, tokenizer)
@@ -27,6 +28,8 @@ def load(path: str, backend: str = "auto", *, ternarize: bool = False, act_bits:
             raise ValueError(f"act_bits must be 8 or None, got {act_bits!r}")
         cfg.act_bits = act_bits
     options = {"threads": threads} if threads else {}
+    if lm_head != "f16":
+        options["lm_head"] = lm_head
     be = get_backend(backend, **options)
     from .models import build_model
 

@@ -73,3 +73,31 @@ def test_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for cmd in ("run", "chat", "info", "convert", "synth"):
         assert cmd in out
+
+
+def test_chat_over_stdin(monkeypatch, capsys):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/reset\nagain\n"))
+    assert main(["chat", "tiny-random", "-n", "4", "-t", "0", "--backend", "numpy"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 2  # one reply line per user turn
+
+
+def test_missing_tokenizer_is_one_line(tmp_path, capsys):
+    import hf_oracle as H
+
+    H.write_bitnet_packed(str(tmp_path), H.bitnet_config(), "autobitlinear")
+    assert main(["run", str(tmp_path), "-p", "x", "--backend", "numpy"]) == 1
+    err = capsys.readouterr().err
+    assert "tokenizer.json" in err and str(tmp_path) in err and err.count("\n") == 1
+
+
+def test_info_on_gguf_and_lm_head_option(tmp_path, capsys):
+    out = tmp_path / "m.gguf"
+    assert main(["synth", "tiny-random", str(out)]) == 0
+    assert "wrote tiny-random" in capsys.readouterr().out
+    assert main(["info", str(out), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["format"] == "gguf" and d["architecture"] == "bitnet" and d["vocab_size"] == 260
+    assert main(["run", str(out), "-p", "Hi", "-n", "3", "-t", "0", "--lm-head", "int8", "--backend", "numpy"]) == 0

@@ -16,6 +16,8 @@ def add_model_arguments(p: argparse.ArgumentParser, optional: bool = True) -> No
     p.add_argument("--backend", default="auto", choices=["auto", "cuda", "cpu", "numpy"],
                    help="compute backend; auto picks the fastest available")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--lm-head", choices=["f16", "int8"], default="f16",
+                   help="output matrix precision: f16 (exact) or int8 per row (half the bytes per token)")
     p.add_argument("--ternarize", action="store_true",
                    help="absmean-ternarize a full-precision LLaMA checkpoint (quality drops)")
     p.add_argument("--act-bits", choices=["auto", "8", "16"], default="auto",
@@ -40,7 +42,7 @@ def load_model(args):
 
     act = {"auto": "auto", "8": 8, "16": None}[args.act_bits]
     return onebit.load(args.model, backend=args.backend, ternarize=args.ternarize, act_bits=act,
-                       threads=args.threads)
+                       threads=args.threads, lm_head=args.lm_head)
 
 
 def sampling_kwargs(args) -> dict:
