@@ -28,7 +28,7 @@ def random_weights(cfg: ModelConfig, seed: int = 0) -> dict:
     shapes = {"self_attn.q_proj": (cfg.q_size, h), "self_attn.k_proj": (cfg.kv_size, h),
               "self_attn.v_proj": (cfg.kv_size, h), "self_attn.o_proj": (h, cfg.q_size),
               "mlp.gate_proj": (f, h), "mlp.up_proj": (f, h), "mlp.down_proj": (h, f)}
-    embed = rng.standard_normal((cfg.vocab_size, h), dtype=np.float32) * np.float32(2 / np.sqrt(h))
+    embed = _bf16_round(rng.standard_normal((cfg.vocab_size, h), dtype=np.float32) * np.float32(2 / np.sqrt(h)))
     w: dict = {"model.embed_tokens.weight": embed}
     for i in range(L):
         p = f"model.layers.{i}."
@@ -43,8 +43,16 @@ def random_weights(cfg: ModelConfig, seed: int = 0) -> dict:
             w[p + "mlp.ffn_sub_norm.weight"] = _norm(rng, f)
     w["model.norm.weight"] = _norm(rng, h)
     if not cfg.tie_word_embeddings:
-        w["lm_head.weight"] = rng.standard_normal((cfg.vocab_size, h), dtype=np.float32) / np.float32(np.sqrt(h))
+        w["lm_head.weight"] = _bf16_round(rng.standard_normal((cfg.vocab_size, h), dtype=np.float32)
+                                          / np.float32(np.sqrt(h)))
     return w
+
+
+def _bf16_round(x: np.ndarray) -> np.ndarray:
+    """Round to bfloat16 values (as a real checkpoint stores them), kept as float32."""
+    from .weights.safetensors_io import bf16_bits
+
+    return (bf16_bits(x).astype(np.uint32) << 16).view(np.float32)
 
 
 def _norm(rng, n: int) -> np.ndarray:

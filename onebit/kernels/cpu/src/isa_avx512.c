@@ -1,0 +1,116 @@
+/* AVX-512 F/BW/VL kernels; with OB_VNNI (isa_avx512vnni.c) the ternary dot uses VNNI dpbusd.
+ * A whole 64-byte block of one row is one zmm load: plane k (shift 2k, mask 3) holds elements 64k..64k+63,
+ * matching one 64-byte load of activations. VNNI: dpbusd(q u8, x s8) accumulates exact int32 directly.
+ * Without VNNI: maddubs pair sums in int16 (|.| <= 512 each, 16 per 1024 elements), then widened.
+ * The float, dense and attention primitives are the AVX2 ones (prims_avx2.h). */
+#include <immintrin.h>
+#include <stdint.h>
+
+#ifdef OB_VNNI
+#define OB_ISA avx512vnni
+#define OB_ISA_NAME "avx512vnni"
+#else
+#define OB_ISA avx512
+#define OB_ISA_NAME "avx512"
+#endif
+#define OB_TB 3
+#define OB_WIDE_TERNARY 1
+#include "prims_avx2.h"
+
+OB_INLINE __m512i plane(__m512i w, int k, __m512i m3) {
+    return _mm512_and_si512(_mm512_srli_epi16(w, 2 * k), m3);
+}
+
+#ifdef OB_VNNI
+#define DOT_ACC(acc, q, x) _mm512_dpbusd_epi32((acc), (q), (x))
+#else
+#define DOT_ACC(acc, q, x) _mm512_add_epi16((acc), _mm512_maddubs_epi16((q), (x)))
+#endif
+
+#define OB_HAVE_TERN_DOT4
+static void prim_tern_dot4(const uint8_t *w, const int8_t *x, int nblk, int32_t acc[4]) {
+    const __m512i m3 = _mm512_set1_epi8(3);
+    __m512i a32[4];
+    for (int r = 0; r < 4; r++) a32[r] = _mm512_setzero_si512();
+#ifdef OB_VNNI
+    for (int b = 0; b < nblk; b++) {
+        const int8_t *xb = x + (size_t)b * 256;
+        const uint8_t *wb = w + (size_t)b * 256;
+        __m512i x0 = _mm512_loadu_si512(xb), x1 = _mm512_loadu_si512(xb + 64);
+        __m512i x2 = _mm512_loadu_si512(xb + 128), x3 = _mm512_loadu_si512(xb + 192);
+        for (int r = 0; r < 4; r++) {
+            __m512i wv = _mm512_loadu_si512(wb + r * 64);
+            a32[r] = DOT_ACC(a32[r], plane(wv, 0, m3), x0);
+            a32[r] = DOT_ACC(a32[r], plane(wv, 1, m3), x1);
+            a32[r] = DOT_ACC(a32[r], plane(wv, 2, m3), x2);
+            a32[r] = DOT_ACC(a32[r], plane(wv, 3, m3), x3);
+        }
+    }
+#else
+    const __m512i ones = _mm512_set1_epi16(1);
+    for (int b0 = 0; b0 < nblk; b0 += 4) {
+        int b1 = b0 + 4 < nblk ? b0 + 4 : nblk;
+        __m512i a16[4];
+        for (int r = 0; r < 4; r++) a16[r] = _mm512_setzero_si512();
+        for (int b = b0; b < b1; b++) { /* per block and lane: 4 pair sums, |.| <= 2048; 4 blocks <= 8192 */
+            const int8_t *xb = x + (size_t)b * 256;
+            const uint8_t *wb = w + (size_t)b * 256;
+            __m512i x0 = _mm512_loadu_si512(xb), x1 = _mm512_loadu_si512(xb + 64);
+            __m512i x2 = _mm512_loadu_si512(xb + 128), x3 = _mm512_loadu_si512(xb + 192);
+            for (int r = 0; r < 4; r++) {
+                __m512i wv = _mm512_loadu_si512(wb + r * 64);
+                a16[r] = DOT_ACC(a16[r], plane(wv, 0, m3), x0);
+                a16[r] = DOT_ACC(a16[r], plane(wv, 1, m3), x1);
+                a16[r] = DOT_ACC(a16[r], plane(wv, 2, m3), x2);
+                a16[r] = DOT_ACC(a16[r], plane(wv, 3, m3), x3);
+            }
+        }
+        for (int r = 0; r < 4; r++) a32[r] = _mm512_add_epi32(a32[r], _mm512_madd_epi16(a16[r], ones));
+    }
+#endif
+    for (int r = 0; r < 4; r++) acc[r] = _mm512_reduce_add_epi32(a32[r]);
+}
+
+#define OB_HAVE_TERN_UNPACK4
+static void prim_tern_unpack4(const uint8_t *w, int nblk, uint8_t *q, size_t qstride) {
+    const __m512i m3 = _mm512_set1_epi8(3);
+    for (int b = 0; b < nblk; b++)
+        for (int r = 0; r < 4; r++) {
+            __m512i wv = _mm512_loadu_si512(w + ((size_t)b * 4 + r) * 64);
+            uint8_t *qr = q + r * qstride + (size_t)b * 256;
+            for (int k = 0; k < 4; k++) _mm512_storeu_si512(qr + 64 * k, plane(wv, k, m3));
+        }
+}
+
+/* 4 rows x NT tokens over len (multiple of 256, <= 1024) elements */
+OB_INLINE void tern_mk_n(const uint8_t *q, size_t qs, const int8_t *x, size_t xs, const int NT, int len,
+                         int32_t *acc, int astride) {
+    __m512i a[4][OB_TB];
+    for (int r = 0; r < 4; r++)
+        for (int t = 0; t < NT; t++) a[r][t] = _mm512_setzero_si512();
+    for (int e = 0; e < len; e += 64) {
+        __m512i xv[OB_TB];
+        for (int t = 0; t < NT; t++) xv[t] = _mm512_loadu_si512(x + t * xs + e);
+        for (int r = 0; r < 4; r++) {
+            __m512i qv = _mm512_loadu_si512(q + r * qs + e);
+            for (int t = 0; t < NT; t++) a[r][t] = DOT_ACC(a[r][t], qv, xv[t]);
+        }
+    }
+#ifndef OB_VNNI
+    const __m512i ones = _mm512_set1_epi16(1);
+    for (int r = 0; r < 4; r++)
+        for (int t = 0; t < NT; t++) a[r][t] = _mm512_madd_epi16(a[r][t], ones);
+#endif
+    for (int t = 0; t < NT; t++)
+        for (int r = 0; r < 4; r++) acc[t * astride + r] += _mm512_reduce_add_epi32(a[r][t]);
+}
+
+#define OB_HAVE_TERN_MK
+static void prim_tern_mk(const uint8_t *q, size_t qs, const int8_t *x, size_t xs, int nt, int len, int32_t *acc,
+                         int astride) {
+    if (nt == 3) tern_mk_n(q, qs, x, xs, 3, len, acc, astride);
+    else if (nt == 2) tern_mk_n(q, qs, x, xs, 2, len, acc, astride);
+    else tern_mk_n(q, qs, x, xs, 1, len, acc, astride);
+}
+
+#include "kernels_impl.h"

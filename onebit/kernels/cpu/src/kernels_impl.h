@@ -1,0 +1,749 @@
+/* The kernels, written once: included by each isa_*.c after it defines OB_ISA and its SIMD primitives
+ * (each guarded by OB_HAVE_*; portable C fallbacks below). Drivers split work into pool tasks.
+ * Exactness: the int8 ternary path, activation quantization, RMSNorm, RoPE and relu2 GLU follow
+ * numpy_ref operation by operation (built with -ffp-contract=off), so they are bit-identical. */
+#include <math.h>
+#include <string.h>
+
+#include "ob.h"
+
+#define OB_CAT2(a, b) a##b
+#define OB_CAT(a, b) OB_CAT2(a, b)
+
+#ifndef OB_TB
+#define OB_TB 3 /* tokens per GEMM micro-kernel call */
+#endif
+#define OB_RG 4  /* tiles (of 4 rows) per GEMM task */
+#define OB_KCB 4 /* 256-blocks per GEMM K chunk: 1024 elements, int16 sums cannot overflow */
+#define OB_QS (OB_KCB * OB_BLK)
+
+
+static inline int ob_min(int a, int b) { return a < b ? a : b; }
+static inline int ob_max(int a, int b) { return a > b ? a : b; }
+
+/* ============================ primitives (portable fallbacks) ================================== */
+
+#ifndef OB_HAVE_TERN_DOT4
+/* Sum of q * x over nblk blocks for the 4 rows of a tile (w at the first block, x at its elements). */
+static void prim_tern_dot4(const uint8_t *w, const int8_t *x, int nblk, int32_t acc[4]) {
+    for (int r = 0; r < 4; r++) acc[r] = 0;
+    for (int b = 0; b < nblk; b++) {
+        const int8_t *xb = x + (size_t)b * OB_BLK;
+        for (int r = 0; r < 4; r++) {
+            const uint8_t *wb = w + ((size_t)b * 4 + r) * OB_BLKB;
+            int32_t s = 0;
+            for (int j = 0; j < 64; j++) {
+                unsigned c = wb[j];
+                s += (int32_t)(c & 3) * xb[j] + (int32_t)((c >> 2) & 3) * xb[64 + j] +
+                     (int32_t)((c >> 4) & 3) * xb[128 + j] + (int32_t)(c >> 6) * xb[192 + j];
+            }
+            acc[r] += s;
+        }
+    }
+}
+#endif
+
+#ifndef OB_HAVE_TERN_UNPACK4
+/* 4 rows of codes q (0, 1, 2) in natural element order: q[r * qstride + e]. */
+static void prim_tern_unpack4(const uint8_t *w, int nblk, uint8_t *q, size_t qstride) {
+    for (int b = 0; b < nblk; b++)
+        for (int r = 0; r < 4; r++) {
+            const uint8_t *wb = w + ((size_t)b * 4 + r) * OB_BLKB;
+            uint8_t *qr = q + r * qstride + (size_t)b * OB_BLK;
+            for (int k = 0; k < 4; k++)
+                for (int j = 0; j < 64; j++) qr[64 * k + j] = (wb[j] >> (2 * k)) & 3;
+        }
+}
+#endif
+
+#ifndef OB_HAVE_TERN_MK
+/* acc[t * astride + r] += sum_e q[r][e] * x[t][e] for 4 rows, nt tokens, len elements. */
+static void prim_tern_mk(const uint8_t *q, size_t qstride, const int8_t *x, size_t xstride, int nt, int len,
+                         int32_t *acc, int astride) {
+    for (int t = 0; t < nt; t++)
+        for (int r = 0; r < 4; r++) {
+            int32_t s = 0;
+            for (int e = 0; e < len; e++) s += (int32_t)q[r * qstride + e] * x[t * xstride + e];
+            acc[t * astride + r] += s;
+        }
+}
+#endif
+
+#ifndef OB_HAVE_TERNF_DOT4
+static void prim_ternf_dot4(const uint8_t *w, const float *x, int nblk, float acc[4]) {
+    for (int r = 0; r < 4; r++) acc[r] = 0.0f;
+    for (int b = 0; b < nblk; b++) {
+        const float *xb = x + (size_t)b * OB_BLK;
+        for (int r = 0; r < 4; r++) {
+            const uint8_t *wb = w + ((size_t)b * 4 + r) * OB_BLKB;
+            float s = 0.0f;
+            for (int k = 0; k < 4; k++)
+                for (int j = 0; j < 64; j++) {
+                    int t = (int)((wb[j] >> (2 * k)) & 3) - 1;
+                    s += t > 0 ? xb[64 * k + j] : t < 0 ? -xb[64 * k + j] : 0.0f;
+                }
+            acc[r] += s;
+        }
+    }
+}
+#endif
+
+#ifndef OB_HAVE_TERNF_UNPACK4
+/* 4 rows of ternary values t (-1, 0, 1) as int8 in natural order. */
+static void prim_ternf_unpack4(const uint8_t *w, int nblk, int8_t *t, size_t tstride) {
+    for (int b = 0; b < nblk; b++)
+        for (int r = 0; r < 4; r++) {
+            const uint8_t *wb = w + ((size_t)b * 4 + r) * OB_BLKB;
+            int8_t *tr = t + r * tstride + (size_t)b * OB_BLK;
+            for (int k = 0; k < 4; k++)
+                for (int j = 0; j < 64; j++) tr[64 * k + j] = (int8_t)((wb[j] >> (2 * k)) & 3) - 1;
+        }
+}
+#endif
+
+#ifndef OB_HAVE_TERNF_MK
+static void prim_ternf_mk(const int8_t *tw, size_t tstride, const float *x, size_t xstride, int nt, int len,
+                          float *acc, int astride) {
+    for (int t = 0; t < nt; t++)
+        for (int r = 0; r < 4; r++) {
+            float s = 0.0f;
+            for (int e = 0; e < len; e++) s += (float)tw[r * tstride + e] * x[t * xstride + e];
+            acc[t * astride + r] += s;
+        }
+}
+#endif
+
+#ifndef OB_HAVE_QUANT
+static float prim_absmax(const float *x, int n) {
+    float m = 0.0f;
+    for (int i = 0; i < n; i++) {
+        float a = fabsf(x[i]);
+        m = a > m ? a : m;
+    }
+    return m;
+}
+
+/* q = clamp(round_half_even(x * s), -128, 127); returns sum(q). */
+static int32_t prim_quant_seg(const float *x, int n, float s, int8_t *q) {
+    int32_t sum = 0;
+    for (int i = 0; i < n; i++) {
+        float p = x[i] * s;
+        p = p < -128.0f ? -128.0f : p > 127.0f ? 127.0f : p;
+        int v = (int)nearbyintf(p);
+        q[i] = (int8_t)v;
+        sum += v;
+    }
+    return sum;
+}
+#endif
+
+static float ob_load_w(const void *w, int wtype, size_t i) {
+    if (wtype == OB_F32) return ((const float *)w)[i];
+    uint16_t h = ((const uint16_t *)w)[i];
+    if (wtype == OB_BF16) {
+        uint32_t b = (uint32_t)h << 16;
+        float f;
+        memcpy(&f, &b, 4);
+        return f;
+    }
+    return ob_half_to_float(h);
+}
+
+#ifndef OB_HAVE_DENSE
+/* out[t * ostride + r] = dot(w row r, x token t) for nr <= 4 rows, nt tokens. */
+static void prim_dense_mk(const void *w, int wtype, size_t K, int nr, const float *x, int nt, float *out,
+                          size_t ostride) {
+    for (int t = 0; t < nt; t++)
+        for (int r = 0; r < nr; r++) {
+            float s = 0.0f;
+            for (size_t k = 0; k < K; k++) s += ob_load_w(w, wtype, (size_t)r * K + k) * x[t * K + k];
+            out[t * ostride + r] = s;
+        }
+}
+#endif
+
+#ifndef OB_HAVE_DENSE_I8
+/* int8 rows interleaved in tiles of 4: w[(k / 32 * 4 + r) * 32 + k % 32]; K32 = K rounded up to 32.
+ * out[t * ostride + r] = sum_k w[r][k] x[t][k] for the 4 rows and nt tokens. */
+static void prim_i8_mk(const int8_t *w, size_t K32, const int8_t *x, int nt, int32_t *out, size_t ostride) {
+    for (int t = 0; t < nt; t++)
+        for (int r = 0; r < 4; r++) {
+            int32_t s = 0;
+            for (size_t k = 0; k < K32; k++) s += (int32_t)w[(k / 32 * 4 + r) * 32 + k % 32] * x[t * K32 + k];
+            out[t * ostride + r] = s;
+        }
+}
+#endif
+
+#ifndef OB_HAVE_ATTN
+static float prim_dot_kv(const float *q, const void *k, int kvtype, int D) {
+    float s = 0.0f;
+    if (kvtype == OB_F32)
+        for (int i = 0; i < D; i++) s += q[i] * ((const float *)k)[i];
+    else
+        for (int i = 0; i < D; i++) s += q[i] * ob_half_to_float(((const uint16_t *)k)[i]);
+    return s;
+}
+
+/* s[i * OB_KB + j] = dot(q_i, k_j) * scale for nq queries [nq, D] and nk keys [nk, D] */
+static void prim_scores(const float *q, int nq, const void *k, int kvtype, int nk, int D, float scale, float *s) {
+    size_t esz = kvtype == OB_F32 ? 4 : 2;
+    for (int i = 0; i < nq; i++)
+        for (int j = 0; j < nk; j++)
+            s[i * OB_KB + j] = prim_dot_kv(q + (size_t)i * D, (const char *)k + (size_t)j * D * esz, kvtype, D) * scale;
+}
+
+/* o[i] += sum_j p[i * OB_KB + j] * v_j */
+static void prim_pv(const float *p, int nq, const void *v, int kvtype, int nk, int D, float *o) {
+    for (int i = 0; i < nq; i++)
+        for (int j = 0; j < nk; j++) {
+            float a = p[i * OB_KB + j];
+            float *oi = o + (size_t)i * D;
+            if (kvtype == OB_F32)
+                for (int d = 0; d < D; d++) oi[d] += a * ((const float *)v)[(size_t)j * D + d];
+            else
+                for (int d = 0; d < D; d++) oi[d] += a * ob_half_to_float(((const uint16_t *)v)[(size_t)j * D + d]);
+        }
+}
+
+static void prim_exp(float *x, int n) {
+    for (int i = 0; i < n; i++) x[i] = expf(x[i]);
+}
+#endif
+
+/* ============================ activation quantization ========================================== */
+
+typedef struct {
+    const float *x;
+    int K, C, cg, gpad;
+    int8_t *xq;
+    int32_t *sums;
+    float *sx;
+} quant_job;
+
+static void quant_task(void *p, int t, int tid) {
+    (void)tid;
+    quant_job *j = p;
+    const float *xr = j->x + (size_t)t * j->K;
+    float m = prim_absmax(xr, j->K);
+    float s = 127.0f / (m > 1e-5f ? m : 1e-5f);
+    j->sx[t] = s;
+    int Kp = j->C * j->gpad;
+    for (int g = 0; g < j->C; g++) {
+        int8_t *dst = j->xq + (size_t)t * Kp + (size_t)g * j->gpad;
+        j->sums[t * j->C + g] = prim_quant_seg(xr + (size_t)g * j->cg, j->cg, s, dst);
+        memset(dst + j->cg, 0, (size_t)(j->gpad - j->cg));
+    }
+}
+
+static void OB_CAT(quant_, OB_ISA)(ob_ctx *c, const float *x, int T, int K, int C, int cg, int gpad, int8_t *xq,
+                                    int32_t *sums, float *sx) {
+    quant_job j = {x, K, C, cg, gpad, xq, sums, sx};
+    if (T * K < 65536)
+        for (int t = 0; t < T; t++) quant_task(&j, t, 0);
+    else
+        ob_pool_run(c->pool, quant_task, &j, T);
+}
+
+/* ============================ ternary matmul, int8 activations ================================= */
+
+typedef struct {
+    const ob_tern *w;
+    const int8_t *xq;
+    const int32_t *sums;
+    const float *sx;
+    const float *xf; /* float path: padded activations */
+    int T, ntiles, per_task;
+    float *y;
+    int32_t *acc;
+    uint8_t *scr;
+    size_t scr_per_thread;
+} tern_job;
+
+static inline const uint8_t *tile_ptr(const ob_tern *w, int tile, int blk) {
+    return w->data + ((size_t)tile * (w->Kp / OB_BLK) + blk) * 4 * OB_BLKB;
+}
+
+static void tern_i8_gemv_task(void *p, int task, int tid) {
+    (void)tid;
+    tern_job *j = p;
+    const ob_tern *w = j->w;
+    int gblk = w->gpad / OB_BLK, t1 = ob_min(j->ntiles, (task + 1) * j->per_task);
+    for (int tile = task * j->per_task; tile < t1; tile++) {
+        float yv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int g = 0; g < w->C; g++) {
+            int32_t a[4];
+            prim_tern_dot4(tile_ptr(w, tile, g * gblk), j->xq + (size_t)g * w->gpad, gblk, a);
+            for (int r = 0; r < 4; r++) {
+                int o = tile * 4 + r;
+                if (o >= w->N) break;
+                int32_t v = a[r] - j->sums[g];
+                if (j->acc) j->acc[(size_t)g * w->N + o] = v;
+                yv[r] += ((float)v / j->sx[0]) * w->rs[(size_t)g * w->N + o];
+            }
+        }
+        for (int r = 0; r < 4 && tile * 4 + r < w->N; r++) j->y[tile * 4 + r] = yv[r];
+    }
+}
+
+static void tern_i8_gemm_task(void *p, int task, int tid) {
+    tern_job *j = p;
+    const ob_tern *w = j->w;
+    int T = j->T, gblk = w->gpad / OB_BLK, tile0 = task * OB_RG, ntl = ob_min(OB_RG, j->ntiles - tile0);
+    uint8_t *q = j->scr + (size_t)tid * j->scr_per_thread;   /* [16 rows][OB_QS] */
+    int32_t *ab = (int32_t *)(q + (size_t)OB_RG * 4 * OB_QS); /* [T][16] */
+    int o0 = tile0 * 4, nrow = ob_min(ntl * 4, w->N - o0);
+    for (int g = 0; g < w->C; g++) {
+        memset(ab, 0, sizeof(int32_t) * (size_t)T * OB_RG * 4);
+        for (int kb = 0; kb < gblk; kb += OB_KCB) {
+            int nb = ob_min(OB_KCB, gblk - kb);
+            for (int tl = 0; tl < ntl; tl++)
+                prim_tern_unpack4(tile_ptr(w, tile0 + tl, g * gblk + kb), nb, q + (size_t)tl * 4 * OB_QS, OB_QS);
+            for (int t0 = 0; t0 < T; t0 += OB_TB) {
+                int nt = ob_min(OB_TB, T - t0);
+                const int8_t *xt = j->xq + (size_t)t0 * w->Kp + (size_t)g * w->gpad + (size_t)kb * OB_BLK;
+                for (int tl = 0; tl < ntl; tl++)
+                    prim_tern_mk(q + (size_t)tl * 4 * OB_QS, OB_QS, xt, w->Kp, nt, nb * OB_BLK,
+                                 ab + (size_t)t0 * OB_RG * 4 + tl * 4, OB_RG * 4);
+            }
+        }
+        const float *rs = w->rs + (size_t)g * w->N + o0;
+        for (int t = 0; t < T; t++) {
+            const int32_t *at = ab + (size_t)t * OB_RG * 4;
+            int32_t sm = j->sums[t * w->C + g];
+            float sx = j->sx[t], *yt = j->y + (size_t)t * w->N + o0;
+            if (j->acc) {
+                int32_t *ac = j->acc + ((size_t)g * T + t) * w->N + o0;
+                for (int r = 0; r < nrow; r++) ac[r] = at[r] - sm;
+            }
+            if (g == 0)
+                for (int r = 0; r < nrow; r++) yt[r] = 0.0f + ((float)(at[r] - sm) / sx) * rs[r];
+            else
+                for (int r = 0; r < nrow; r++) yt[r] += ((float)(at[r] - sm) / sx) * rs[r];
+        }
+    }
+}
+
+static int gemv_per_task(int ntiles, int nthreads) {
+    int per = ntiles / (4 * nthreads);
+    return per < 1 ? 1 : per > 128 ? 128 : per;
+}
+
+static void OB_CAT(tern_i8_, OB_ISA)(ob_ctx *c, const ob_tern *w, const int8_t *xq, const int32_t *sums,
+                                      const float *sx, int T, float *y, int32_t *acc) {
+    tern_job j;
+    memset(&j, 0, sizeof j);
+    j.w = w, j.xq = xq, j.sums = sums, j.sx = sx, j.T = T, j.y = y, j.acc = acc;
+    j.ntiles = (w->N + 3) / 4;
+    if (T == 1) {
+        j.per_task = gemv_per_task(j.ntiles, c->nthreads);
+        ob_pool_run(c->pool, tern_i8_gemv_task, &j, (j.ntiles + j.per_task - 1) / j.per_task);
+        return;
+    }
+    j.scr_per_thread = ((size_t)OB_RG * 4 * OB_QS + sizeof(int32_t) * (size_t)T * OB_RG * 4 + 63) & ~(size_t)63;
+    j.scr = ob_scratch(c, 1, j.scr_per_thread * (size_t)c->nthreads);
+    ob_pool_run(c->pool, tern_i8_gemm_task, &j, (j.ntiles + OB_RG - 1) / OB_RG);
+}
+
+/* ============================ ternary matmul, float activations ================================ */
+
+static void tern_f32_gemv_task(void *p, int task, int tid) {
+    (void)tid;
+    tern_job *j = p;
+    const ob_tern *w = j->w;
+    int gblk = w->gpad / OB_BLK, t1 = ob_min(j->ntiles, (task + 1) * j->per_task);
+    for (int tile = task * j->per_task; tile < t1; tile++) {
+        float yv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int g = 0; g < w->C; g++) {
+            float a[4];
+            prim_ternf_dot4(tile_ptr(w, tile, g * gblk), j->xf + (size_t)g * w->gpad, gblk, a);
+            for (int r = 0; r < 4 && tile * 4 + r < w->N; r++) yv[r] += a[r] * w->rs[(size_t)g * w->N + tile * 4 + r];
+        }
+        for (int r = 0; r < 4 && tile * 4 + r < w->N; r++) j->y[tile * 4 + r] = yv[r];
+    }
+}
+
+static void tern_f32_gemm_task(void *p, int task, int tid) {
+    tern_job *j = p;
+    const ob_tern *w = j->w;
+    int T = j->T, gblk = w->gpad / OB_BLK, tile0 = task * OB_RG, ntl = ob_min(OB_RG, j->ntiles - tile0);
+    int8_t *tq = (int8_t *)(j->scr + (size_t)tid * j->scr_per_thread);
+    float *ab = (float *)(tq + (size_t)OB_RG * 4 * OB_QS);
+    int o0 = tile0 * 4, nrow = ob_min(ntl * 4, w->N - o0);
+    for (int g = 0; g < w->C; g++) {
+        for (size_t i = 0; i < (size_t)T * OB_RG * 4; i++) ab[i] = 0.0f;
+        for (int kb = 0; kb < gblk; kb += OB_KCB) {
+            int nb = ob_min(OB_KCB, gblk - kb);
+            for (int tl = 0; tl < ntl; tl++)
+                prim_ternf_unpack4(tile_ptr(w, tile0 + tl, g * gblk + kb), nb, tq + (size_t)tl * 4 * OB_QS, OB_QS);
+            for (int t0 = 0; t0 < T; t0 += OB_TB) {
+                int nt = ob_min(OB_TB, T - t0);
+                const float *xt = j->xf + (size_t)t0 * w->Kp + (size_t)g * w->gpad + (size_t)kb * OB_BLK;
+                for (int tl = 0; tl < ntl; tl++)
+                    prim_ternf_mk(tq + (size_t)tl * 4 * OB_QS, OB_QS, xt, w->Kp, nt, nb * OB_BLK,
+                                  ab + (size_t)t0 * OB_RG * 4 + tl * 4, OB_RG * 4);
+            }
+        }
+        const float *rs = w->rs + (size_t)g * w->N + o0;
+        for (int t = 0; t < T; t++) {
+            float *yt = j->y + (size_t)t * w->N + o0;
+            const float *at = ab + (size_t)t * OB_RG * 4;
+            if (g == 0)
+                for (int r = 0; r < nrow; r++) yt[r] = at[r] * rs[r];
+            else
+                for (int r = 0; r < nrow; r++) yt[r] += at[r] * rs[r];
+        }
+    }
+}
+
+typedef struct {
+    const float *x;
+    float *xp;
+    int K, C, cg, gpad;
+} pad_job;
+
+static void pad_task(void *p, int t, int tid) {
+    (void)tid;
+    pad_job *j = p;
+    for (int g = 0; g < j->C; g++) {
+        float *d = j->xp + (size_t)t * j->C * j->gpad + (size_t)g * j->gpad;
+        memcpy(d, j->x + (size_t)t * j->K + (size_t)g * j->cg, sizeof(float) * (size_t)j->cg);
+        for (int e = j->cg; e < j->gpad; e++) d[e] = 0.0f;
+    }
+}
+
+static void OB_CAT(tern_f32_, OB_ISA)(ob_ctx *c, const ob_tern *w, const float *x, int T, float *y) {
+    tern_job j;
+    memset(&j, 0, sizeof j);
+    j.w = w, j.T = T, j.y = y;
+    j.ntiles = (w->N + 3) / 4;
+    size_t xbytes = ((size_t)T * w->Kp * sizeof(float) + 63) & ~(size_t)63;
+    j.scr_per_thread = ((size_t)OB_RG * 4 * OB_QS + sizeof(float) * (size_t)T * OB_RG * 4 + 63) & ~(size_t)63;
+    uint8_t *scr = ob_scratch(c, 1, xbytes + j.scr_per_thread * (size_t)c->nthreads);
+    float *xp = (float *)scr;
+    j.scr = scr + xbytes;
+    pad_job pj = {x, xp, w->K, w->C, w->cg, w->gpad};
+    for (int t = 0; t < T; t++) pad_task(&pj, t, 0);
+    j.xf = xp;
+    if (T == 1) {
+        j.per_task = gemv_per_task(j.ntiles, c->nthreads);
+        ob_pool_run(c->pool, tern_f32_gemv_task, &j, (j.ntiles + j.per_task - 1) / j.per_task);
+    } else {
+        ob_pool_run(c->pool, tern_f32_gemm_task, &j, (j.ntiles + OB_RG - 1) / OB_RG);
+    }
+}
+
+/* ============================ dense matmul (lm_head): 16-bit / f32 and int8 ==================== */
+
+#define OB_DROWS 16 /* rows per dense task block */
+
+typedef struct {
+    const void *w;
+    int wtype, N, K, T;
+    const float *x;
+    float *y;
+    const int8_t *w8, *xq;
+    const float *rscale, *sx;
+    int per_task;
+    int32_t *iscr;
+} dense_job;
+
+static size_t wsize(int wtype) { return wtype == OB_F32 ? 4 : 2; }
+
+static void dense_task(void *p, int task, int tid) {
+    (void)tid;
+    dense_job *j = p;
+    int r0 = task * j->per_task, r1 = ob_min(j->N, r0 + j->per_task);
+    for (int rb = r0; rb < r1; rb += OB_DROWS) {
+        int rbe = ob_min(r1, rb + OB_DROWS);
+        for (int t0 = 0; t0 < j->T; t0 += OB_TB) {
+            int nt = ob_min(OB_TB, j->T - t0);
+            for (int r = rb; r < rbe; r += 4)
+                prim_dense_mk((const char *)j->w + (size_t)r * j->K * wsize(j->wtype), j->wtype, (size_t)j->K,
+                              ob_min(4, rbe - r), j->x + (size_t)t0 * j->K, nt, j->y + (size_t)t0 * j->N + r,
+                              (size_t)j->N);
+        }
+    }
+}
+
+static void OB_CAT(dense_, OB_ISA)(ob_ctx *c, const void *w, int wtype, int N, int K, const float *x, int T,
+                                    float *y) {
+    dense_job j;
+    memset(&j, 0, sizeof j);
+    j.w = w, j.wtype = wtype, j.N = N, j.K = K, j.T = T, j.x = x, j.y = y;
+    int ntasks = ob_max(1, ob_min((N + OB_DROWS - 1) / OB_DROWS, 16 * c->nthreads));
+    j.per_task = ((N + ntasks - 1) / ntasks + 3) / 4 * 4;
+    ob_pool_run(c->pool, dense_task, &j, (N + j.per_task - 1) / j.per_task);
+}
+
+static void dense_i8_task(void *p, int task, int tid) {
+    dense_job *j = p;
+    int32_t *acc = j->iscr + (size_t)tid * 64; /* 256 bytes apart: no false sharing between threads */
+    size_t K32 = (size_t)j->K;
+    int r0 = task * j->per_task, r1 = ob_min(j->N, r0 + j->per_task);
+    for (int rb = r0; rb < r1; rb += OB_DROWS) {
+        int rbe = ob_min(r1, rb + OB_DROWS);
+        for (int t0 = 0; t0 < j->T; t0 += OB_TB) {
+            int nt = ob_min(OB_TB, j->T - t0);
+            for (int r = rb; r < rbe; r += 4) {
+                int nr = ob_min(4, rbe - r);
+                prim_i8_mk(j->w8 + (size_t)r * K32, K32, j->xq + (size_t)t0 * K32, nt, acc, 4);
+                for (int t = 0; t < nt; t++)
+                    for (int i = 0; i < nr; i++)
+                        j->y[(size_t)(t0 + t) * j->N + r + i] = ((float)acc[t * 4 + i] / j->sx[t0 + t]) * j->rscale[r + i];
+            }
+        }
+    }
+}
+
+/* w: int8 [ceil(N/4)][K32/32][4][32] (zero padded), xq: int8 [T][K32] (zero padded) */
+static void OB_CAT(dense_i8_, OB_ISA)(ob_ctx *c, const int8_t *w, const float *rscale, int N, int K32,
+                                       const int8_t *xq, const float *sx, int T, float *y) {
+    dense_job j;
+    memset(&j, 0, sizeof j);
+    j.w8 = w, j.rscale = rscale, j.N = N, j.K = K32, j.xq = xq, j.sx = sx, j.T = T, j.y = y;
+    j.iscr = ob_scratch(c, 1, sizeof(int32_t) * 64 * (size_t)c->nthreads);
+    int ntasks = ob_max(1, ob_min((N + OB_DROWS - 1) / OB_DROWS, 16 * c->nthreads));
+    j.per_task = ((N + ntasks - 1) / ntasks + 3) / 4 * 4;
+    ob_pool_run(c->pool, dense_i8_task, &j, (N + j.per_task - 1) / j.per_task);
+}
+
+/* ============================ RMSNorm, RoPE, GLU ================================================ */
+
+/* numpy's float32 pairwise summation (8 accumulators, blocks of 128), so the mean matches np.mean. */
+static float pairwise_sq(const float *a, int n) {
+    if (n < 8) {
+        float r = 0.0f; /* numpy starts from -0.0 for n == 0 and adds in order; same value for n >= 1 */
+        for (int i = 0; i < n; i++) r += a[i] * a[i];
+        return r;
+    }
+    if (n <= 128) {
+        float r[8];
+        for (int k = 0; k < 8; k++) r[k] = a[k] * a[k];
+        int i;
+        for (i = 8; i < n - (n % 8); i += 8)
+            for (int k = 0; k < 8; k++) r[k] += a[i + k] * a[i + k];
+        float res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        for (; i < n; i++) res += a[i] * a[i];
+        return res;
+    }
+    int n2 = n / 2;
+    n2 -= n2 % 8;
+    return pairwise_sq(a, n2) + pairwise_sq(a + n2, n - n2);
+}
+
+typedef struct {
+    const float *x, *w;
+    int n;
+    float eps;
+    float *y;
+} norm_job;
+
+static void norm_task(void *p, int t, int tid) {
+    (void)tid;
+    norm_job *j = p;
+    const float *restrict x = j->x + (size_t)t * j->n, *restrict w = j->w;
+    float *restrict y = j->y + (size_t)t * j->n;
+    float var = pairwise_sq(x, j->n) / (float)j->n;
+    float d = sqrtf(var + j->eps);
+    for (int i = 0; i < j->n; i++) y[i] = (x[i] / d) * w[i];
+}
+
+static void OB_CAT(rmsnorm_, OB_ISA)(ob_ctx *c, const float *x, const float *w, int T, int n, float eps,
+                                      float *y) {
+    norm_job j = {x, w, n, eps, y};
+    if ((size_t)T * n < 65536)
+        for (int t = 0; t < T; t++) norm_task(&j, t, 0);
+    else
+        ob_pool_run(c->pool, norm_task, &j, T);
+}
+
+typedef struct {
+    const float *x, *cos, *sin;
+    const int64_t *pos;
+    int H, D;
+    float *y;
+} rope_job;
+
+static void rope_task(void *p, int t, int tid) {
+    (void)tid;
+    rope_job *j = p;
+    int D = j->D, h2 = D / 2;
+    const float *c = j->cos + (size_t)j->pos[t] * D, *s = j->sin + (size_t)j->pos[t] * D;
+    for (int h = 0; h < j->H; h++) {
+        const float *x = j->x + ((size_t)t * j->H + h) * D;
+        float *y = j->y + ((size_t)t * j->H + h) * D;
+        for (int i = 0; i < h2; i++) y[i] = x[i] * c[i] + (-x[i + h2]) * s[i];
+        for (int i = h2; i < D; i++) y[i] = x[i] * c[i] + x[i - h2] * s[i];
+    }
+}
+
+static void OB_CAT(rope_, OB_ISA)(ob_ctx *c, const float *x, int T, int H, int D, const float *cos,
+                                   const float *sin, const int64_t *pos, float *y) {
+    rope_job j = {x, cos, sin, pos, H, D, y};
+    if ((size_t)T * H * D < 65536)
+        for (int t = 0; t < T; t++) rope_task(&j, t, 0);
+    else
+        ob_pool_run(c->pool, rope_task, &j, T);
+}
+
+typedef struct {
+    const float *g, *u;
+    size_t n, chunk;
+    int silu;
+    float *y;
+} glu_job;
+
+static void glu_task(void *p, int task, int tid) {
+    (void)tid;
+    glu_job *j = p;
+    size_t i0 = (size_t)task * j->chunk, i1 = i0 + j->chunk < j->n ? i0 + j->chunk : j->n;
+    const float *restrict g = j->g, *restrict u = j->u;
+    float *restrict y = j->y;
+    if (!j->silu) {
+        for (size_t i = i0; i < i1; i++) {
+            float a = g[i] <= 0.0f ? 0.0f : g[i]; /* np.maximum(g, 0), NaN propagates */
+            y[i] = (a * a) * u[i];
+        }
+        return;
+    }
+    for (size_t i = i0; i < i1; i += 256) {
+        size_t m = i1 - i < 256 ? i1 - i : 256;
+        float e[256];
+        for (size_t k = 0; k < m; k++) e[k] = -g[i + k];
+        prim_exp(e, (int)m);
+        for (size_t k = 0; k < m; k++) y[i + k] = g[i + k] / (1.0f + e[k]) * u[i + k];
+    }
+}
+
+static void OB_CAT(glu_, OB_ISA)(ob_ctx *c, const float *g, const float *u, size_t n, int silu, float *y) {
+    glu_job j = {g, u, n, 16384, silu, y};
+    ob_pool_run(c->pool, glu_task, &j, (int)((n + j.chunk - 1) / j.chunk));
+}
+
+/* ============================ attention ========================================================= */
+/* Work item = (kv head, block of query tokens, key chunk). The G query heads sharing a kv head are
+ * processed together so each key/value row is read once for all of them. With one chunk the item
+ * writes the output; with several (decode: split-KV) it writes (max, sum, out) partials that are
+ * merged with log-sum-exp weights afterwards. Online softmax over key sub-blocks of OB_KB. */
+
+typedef struct {
+    const float *q;
+    int T, Hq, D, Hkv, max_len, start, kvtype, G, QB, nqb, nch, chunk;
+    const void *k, *v;
+    float *y, *part, *scr;
+    size_t scr_per_thread;
+    float scale;
+} attn_job;
+
+static void attn_task(void *p, int task, int tid) {
+    attn_job *j = p;
+    int ch = task % j->nch, qb = (task / j->nch) % j->nqb, hk = task / (j->nch * j->nqb);
+    int D = j->D, G = j->G, t0 = qb * j->QB, nt = ob_min(j->QB, j->T - t0), nq = G * nt;
+    size_t esz = j->kvtype == OB_F32 ? 4 : 2;
+    const char *kb = (const char *)j->k + (size_t)hk * j->max_len * D * esz;
+    const char *vb = (const char *)j->v + (size_t)hk * j->max_len * D * esz;
+    int kend = j->start + t0 + nt; /* keys needed by the last query of the block */
+    int k0 = ch * j->chunk, k1 = ob_min(kend, k0 + j->chunk);
+    float *m = j->scr + (size_t)tid * j->scr_per_thread, *l = m + nq, *o = l + nq;
+    float *qs = o + (size_t)nq * D, *s = qs + (size_t)nq * D; /* queries [nq, D], scores [nq, OB_KB] */
+    for (int i = 0; i < nq; i++) { /* query i = (token t0 + i / G, head hk * G + i % G) */
+        memcpy(qs + (size_t)i * D, j->q + ((size_t)(t0 + i / G) * j->Hq + hk * G + i % G) * D, sizeof(float) * D);
+        m[i] = -INFINITY, l[i] = 0.0f;
+    }
+    memset(o, 0, sizeof(float) * (size_t)nq * D);
+    for (int j0 = k0; j0 < k1; j0 += OB_KB) {
+        int nk = ob_min(k1, j0 + OB_KB) - j0;
+        prim_scores(qs, nq, kb + (size_t)j0 * D * esz, j->kvtype, nk, D, j->scale, s);
+        for (int i = 0; i < nq; i++) {
+            float *si = s + (size_t)i * OB_KB;
+            int nv = ob_min(nk, j->start + t0 + i / G + 1 - j0); /* causal: keys up to the query's position */
+            if (nv <= 0) {
+                memset(si, 0, sizeof(float) * nk);
+                continue;
+            }
+            float mx = m[i];
+            for (int jj = 0; jj < nv; jj++) mx = si[jj] > mx ? si[jj] : mx;
+            float corr = expf(m[i] - mx), sum = 0.0f;
+            for (int jj = 0; jj < nv; jj++) si[jj] -= mx;
+            prim_exp(si, nv);
+            for (int jj = 0; jj < nv; jj++) sum += si[jj];
+            for (int jj = nv; jj < nk; jj++) si[jj] = 0.0f;
+            l[i] = l[i] * corr + sum;
+            m[i] = mx;
+            if (corr != 1.0f)
+                for (int d = 0; d < D; d++) o[(size_t)i * D + d] *= corr;
+        }
+        prim_pv(s, nq, vb + (size_t)j0 * D * esz, j->kvtype, nk, D, o);
+    }
+    for (int i = 0; i < nq; i++) {
+        int t = t0 + i / G, h = hk * G + i % G;
+        if (j->nch == 1) {
+            float *yi = j->y + ((size_t)t * j->Hq + h) * D;
+            for (int d = 0; d < D; d++) yi[d] = o[(size_t)i * D + d] / l[i];
+        } else {
+            float *pp = j->part + (((size_t)t * j->Hq + h) * j->nch + ch) * (D + 2);
+            pp[0] = m[i], pp[1] = l[i];
+            memcpy(pp + 2, o + (size_t)i * D, sizeof(float) * D);
+        }
+    }
+}
+
+static void attn_merge_task(void *p, int th, int tid) { /* th = token * Hq + head */
+    (void)tid;
+    attn_job *j = p;
+    int D = j->D;
+    const float *pp = j->part + (size_t)th * j->nch * (D + 2);
+    float mx = -INFINITY, l = 0.0f;
+    for (int c = 0; c < j->nch; c++) mx = pp[c * (D + 2)] > mx ? pp[c * (D + 2)] : mx;
+    float *y = j->y + (size_t)th * D;
+    memset(y, 0, sizeof(float) * D);
+    for (int c = 0; c < j->nch; c++) {
+        const float *pc = pp + (size_t)c * (D + 2);
+        if (pc[1] == 0.0f) continue;
+        float w = expf(pc[0] - mx);
+        l += pc[1] * w;
+        for (int d = 0; d < D; d++) y[d] += w * pc[2 + d];
+    }
+    for (int d = 0; d < D; d++) y[d] /= l;
+}
+
+static void OB_CAT(attention_, OB_ISA)(ob_ctx *c, const float *q, int T, int Hq, int D, const void *k,
+                                        const void *v, int kvtype, int Hkv, int max_len, int start, float *y) {
+    attn_job j;
+    if (T <= 0 || Hq <= 0 || D <= 0) return;
+    memset(&j, 0, sizeof j);
+    j.q = q, j.T = T, j.Hq = Hq, j.D = D, j.k = k, j.v = v, j.kvtype = kvtype, j.Hkv = Hkv;
+    j.max_len = max_len, j.start = start, j.y = y, j.G = Hq / Hkv, j.scale = 1.0f / sqrtf((float)D);
+    j.QB = T < 16 ? T : 16;
+    j.nqb = (T + j.QB - 1) / j.QB;
+    int n = start + T, items = Hkv * j.nqb;
+    j.nch = 1;
+    if (T <= 16 && items < 4 * c->nthreads && n > 2 * OB_KB)
+        j.nch = ob_max(1, ob_min((4 * c->nthreads + items - 1) / items, n / OB_KB));
+    j.chunk = ((n + j.nch - 1) / j.nch + OB_KB - 1) / OB_KB * OB_KB;
+    j.nch = (n + j.chunk - 1) / j.chunk;
+    int nq = j.G * j.QB;
+    j.scr_per_thread = ((size_t)nq * (2 + 2 * D + OB_KB) + 16) & ~(size_t)15;
+    size_t part = j.nch > 1 ? (size_t)T * Hq * j.nch * (D + 2) : 0;
+    float *scr = ob_scratch(c, 1, sizeof(float) * (part + j.scr_per_thread * (size_t)c->nthreads));
+    j.part = scr;
+    j.scr = scr + part;
+    ob_pool_run(c->pool, attn_task, &j, Hkv * j.nqb * j.nch);
+    if (j.nch > 1) ob_pool_run(c->pool, attn_merge_task, &j, T * Hq);
+}
+
+/* ============================ the table ========================================================= */
+
+const ob_kernels OB_CAT(ob_kernels_, OB_ISA) = {
+    OB_ISA_NAME,
+    OB_CAT(quant_, OB_ISA),
+    OB_CAT(tern_i8_, OB_ISA),
+    OB_CAT(tern_f32_, OB_ISA),
+    OB_CAT(dense_, OB_ISA),
+    OB_CAT(dense_i8_, OB_ISA),
+    OB_CAT(rmsnorm_, OB_ISA),
+    OB_CAT(rope_, OB_ISA),
+    OB_CAT(glu_, OB_ISA),
+    OB_CAT(attention_, OB_ISA),
+};

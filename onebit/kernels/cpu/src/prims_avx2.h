@@ -1,0 +1,457 @@
+/* AVX2 + FMA + F16C primitives, shared by the AVX2 and AVX-512 kernel files (see isa_avx2.c). */
+#include <immintrin.h>
+#include <stdint.h>
+
+#include "ob.h"
+
+#ifndef OB_TB
+#define OB_TB 3
+#endif
+
+#define OB_INLINE static inline __attribute__((always_inline))
+
+OB_INLINE __m128i hsum4_epi32(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
+    __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
+    return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+}
+
+OB_INLINE __m128 hsum4_ps(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
+OB_INLINE float hsum_ps(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+#ifndef OB_WIDE_TERNARY /* AVX-512 files bring their own */
+/* ---- ternary, int8 activations ---------------------------------------------------------------- */
+
+#define OB_HAVE_TERN_DOT4
+OB_INLINE __m256i tdot_half(__m256i w, __m256i m3, const int8_t *x) {
+    /* w: 32 bytes of one row's block half; x: that half's elements, planes 64 apart */
+    __m256i p0 = _mm256_maddubs_epi16(_mm256_and_si256(w, m3), _mm256_loadu_si256((const __m256i *)x));
+    __m256i p1 = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 2), m3),
+                                      _mm256_loadu_si256((const __m256i *)(x + 64)));
+    __m256i p2 = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 4), m3),
+                                      _mm256_loadu_si256((const __m256i *)(x + 128)));
+    __m256i p3 = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 6), m3),
+                                      _mm256_loadu_si256((const __m256i *)(x + 192)));
+    return _mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3));
+}
+
+static void prim_tern_dot4(const uint8_t *w, const int8_t *x, int nblk, int32_t acc[4]) {
+    const __m256i m3 = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+    __m256i a32[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                      _mm256_setzero_si256()};
+    for (int b0 = 0; b0 < nblk; b0 += 4) {
+        int b1 = b0 + 4 < nblk ? b0 + 4 : nblk;
+        __m256i a16[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                          _mm256_setzero_si256()};
+        for (int b = b0; b < b1; b++) {
+            const int8_t *xb = x + (size_t)b * 256;
+            const uint8_t *wb = w + (size_t)b * 256;
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++) {
+                const uint8_t *wr = wb + r * 64;
+                __m256i s0 = tdot_half(_mm256_loadu_si256((const __m256i *)wr), m3, xb);
+                __m256i s1 = tdot_half(_mm256_loadu_si256((const __m256i *)(wr + 32)), m3, xb + 32);
+                a16[r] = _mm256_add_epi16(a16[r], _mm256_add_epi16(s0, s1));
+            }
+        }
+        for (int r = 0; r < 4; r++) a32[r] = _mm256_add_epi32(a32[r], _mm256_madd_epi16(a16[r], ones));
+    }
+    _mm_storeu_si128((__m128i *)acc, hsum4_epi32(a32[0], a32[1], a32[2], a32[3]));
+}
+
+#define OB_HAVE_TERN_UNPACK4
+static void prim_tern_unpack4(const uint8_t *w, int nblk, uint8_t *q, size_t qstride) {
+    const __m256i m3 = _mm256_set1_epi8(3);
+    for (int b = 0; b < nblk; b++)
+        for (int r = 0; r < 4; r++) {
+            const uint8_t *wb = w + ((size_t)b * 4 + r) * 64;
+            uint8_t *qr = q + r * qstride + (size_t)b * 256;
+            for (int h = 0; h < 2; h++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(wb + 32 * h));
+                _mm256_storeu_si256((__m256i *)(qr + 32 * h), _mm256_and_si256(v, m3));
+                _mm256_storeu_si256((__m256i *)(qr + 64 + 32 * h), _mm256_and_si256(_mm256_srli_epi16(v, 2), m3));
+                _mm256_storeu_si256((__m256i *)(qr + 128 + 32 * h), _mm256_and_si256(_mm256_srli_epi16(v, 4), m3));
+                _mm256_storeu_si256((__m256i *)(qr + 192 + 32 * h), _mm256_and_si256(_mm256_srli_epi16(v, 6), m3));
+            }
+        }
+}
+
+/* 4 rows x NT tokens; len <= 1024 so the int16 sums stay within +-16384 */
+OB_INLINE void tern_mk_n(const uint8_t *q, size_t qs, const int8_t *x, size_t xs, const int NT, int len,
+                         int32_t *acc, int astride) {
+    __m256i a[4][OB_TB];
+    for (int r = 0; r < 4; r++)
+        for (int t = 0; t < NT; t++) a[r][t] = _mm256_setzero_si256();
+    for (int e = 0; e < len; e += 32) {
+        __m256i xv[OB_TB];
+        for (int t = 0; t < NT; t++) xv[t] = _mm256_loadu_si256((const __m256i *)(x + t * xs + e));
+        for (int r = 0; r < 4; r++) {
+            __m256i qv = _mm256_loadu_si256((const __m256i *)(q + r * qs + e));
+            for (int t = 0; t < NT; t++) a[r][t] = _mm256_add_epi16(a[r][t], _mm256_maddubs_epi16(qv, xv[t]));
+        }
+    }
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int t = 0; t < NT; t++) {
+        __m128i s = hsum4_epi32(_mm256_madd_epi16(a[0][t], ones), _mm256_madd_epi16(a[1][t], ones),
+                                _mm256_madd_epi16(a[2][t], ones), _mm256_madd_epi16(a[3][t], ones));
+        __m128i *dst = (__m128i *)(acc + t * astride);
+        _mm_storeu_si128(dst, _mm_add_epi32(_mm_loadu_si128(dst), s));
+    }
+}
+
+#define OB_HAVE_TERN_MK
+static void prim_tern_mk(const uint8_t *q, size_t qs, const int8_t *x, size_t xs, int nt, int len, int32_t *acc,
+                         int astride) {
+    if (nt == 3) tern_mk_n(q, qs, x, xs, 3, len, acc, astride);
+    else if (nt == 2) tern_mk_n(q, qs, x, xs, 2, len, acc, astride);
+    else tern_mk_n(q, qs, x, xs, 1, len, acc, astride);
+}
+
+#endif
+
+/* ---- ternary, float activations ------------------------------------------------------------- */
+
+OB_INLINE __m256i tern_lut(void) { /* q (0, 1, 2) -> t (-1, 0, 1) as int8, via pshufb */
+    return _mm256_setr_epi8(-1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, -1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                            0, 0, 0);
+}
+
+OB_INLINE __m256 fdot32(__m256i t, const float *x, __m256 acc) {
+    __m128i lo = _mm256_castsi256_si128(t), hi = _mm256_extracti128_si256(t, 1);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), _mm256_loadu_ps(x), acc);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(x + 8), acc);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), _mm256_loadu_ps(x + 16), acc);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(x + 24), acc);
+    return acc;
+}
+
+#define OB_HAVE_TERNF_DOT4
+static void prim_ternf_dot4(const uint8_t *w, const float *x, int nblk, float acc[4]) {
+    const __m256i m3 = _mm256_set1_epi8(3), lut = tern_lut();
+    __m256 a[4][2];
+    for (int r = 0; r < 4; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+    for (int b = 0; b < nblk; b++) {
+        const float *xb = x + (size_t)b * 256;
+        for (int r = 0; r < 4; r++) {
+            const uint8_t *wr = w + ((size_t)b * 4 + r) * 64;
+            for (int h = 0; h < 2; h++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(wr + 32 * h));
+                for (int k = 0; k < 4; k++) {
+                    __m256i tq = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 2 * k), m3));
+                    a[r][k & 1] = fdot32(tq, xb + 64 * k + 32 * h, a[r][k & 1]);
+                }
+            }
+        }
+    }
+    _mm_storeu_ps(acc, hsum4_ps(_mm256_add_ps(a[0][0], a[0][1]), _mm256_add_ps(a[1][0], a[1][1]),
+                                _mm256_add_ps(a[2][0], a[2][1]), _mm256_add_ps(a[3][0], a[3][1])));
+}
+
+#define OB_HAVE_TERNF_UNPACK4
+static void prim_ternf_unpack4(const uint8_t *w, int nblk, int8_t *t, size_t tstride) {
+    const __m256i m3 = _mm256_set1_epi8(3), lut = tern_lut();
+    for (int b = 0; b < nblk; b++)
+        for (int r = 0; r < 4; r++) {
+            const uint8_t *wb = w + ((size_t)b * 4 + r) * 64;
+            int8_t *tr = t + r * tstride + (size_t)b * 256;
+            for (int h = 0; h < 2; h++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(wb + 32 * h));
+                for (int k = 0; k < 4; k++)
+                    _mm256_storeu_si256((__m256i *)(tr + 64 * k + 32 * h),
+                                        _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 2 * k), m3)));
+            }
+        }
+}
+
+OB_INLINE void ternf_mk_n(const int8_t *tw, size_t ts, const float *x, size_t xs, const int NT, int len, float *acc,
+                          int astride) {
+    __m256 a[4][OB_TB];
+    for (int r = 0; r < 4; r++)
+        for (int t = 0; t < NT; t++) a[r][t] = _mm256_setzero_ps();
+    for (int e = 0; e < len; e += 8) {
+        for (int r = 0; r < 4; r++) {
+            __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(tw + r * ts + e))));
+            for (int t = 0; t < NT; t++) a[r][t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * xs + e), a[r][t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) {
+        float *dst = acc + t * astride;
+        _mm_storeu_ps(dst, _mm_add_ps(_mm_loadu_ps(dst), hsum4_ps(a[0][t], a[1][t], a[2][t], a[3][t])));
+    }
+}
+
+#define OB_HAVE_TERNF_MK
+static void prim_ternf_mk(const int8_t *tw, size_t ts, const float *x, size_t xs, int nt, int len, float *acc,
+                          int astride) {
+    if (nt == 3) ternf_mk_n(tw, ts, x, xs, 3, len, acc, astride);
+    else if (nt == 2) ternf_mk_n(tw, ts, x, xs, 2, len, acc, astride);
+    else ternf_mk_n(tw, ts, x, xs, 1, len, acc, astride);
+}
+
+/* ---- activation quantization (bit-identical: max is exact, round is half-to-even) ------------ */
+
+#define OB_HAVE_QUANT
+static float prim_absmax(const float *x, int n) {
+    const __m256 mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 m0 = _mm256_setzero_ps(), m1 = m0;
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        m0 = _mm256_max_ps(m0, _mm256_and_ps(_mm256_loadu_ps(x + i), mask));
+        m1 = _mm256_max_ps(m1, _mm256_and_ps(_mm256_loadu_ps(x + i + 8), mask));
+    }
+    m0 = _mm256_max_ps(m0, m1);
+    float buf[8], m = 0.0f;
+    _mm256_storeu_ps(buf, m0);
+    for (int k = 0; k < 8; k++) m = buf[k] > m ? buf[k] : m;
+    for (; i < n; i++) {
+        float a = __builtin_fabsf(x[i]);
+        m = a > m ? a : m;
+    }
+    return m;
+}
+
+OB_INLINE __m256i q8(const float *x, __m256 s, __m256 lo, __m256 hi) {
+    __m256 p = _mm256_mul_ps(_mm256_loadu_ps(x), s);
+    p = _mm256_min_ps(_mm256_max_ps(p, lo), hi);
+    return _mm256_cvtps_epi32(p); /* MXCSR default: round half to even */
+}
+
+static int32_t prim_quant_seg(const float *x, int n, float s, int8_t *q) {
+    const __m256 sv = _mm256_set1_ps(s), lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    __m256i sum = _mm256_setzero_si256();
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256i a = q8(x + i, sv, lo, hi), b = q8(x + i + 8, sv, lo, hi);
+        __m256i c = q8(x + i + 16, sv, lo, hi), d = q8(x + i + 24, sv, lo, hi);
+        sum = _mm256_add_epi32(sum, _mm256_add_epi32(_mm256_add_epi32(a, b), _mm256_add_epi32(c, d)));
+        __m256i v = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+        _mm256_storeu_si256((__m256i *)(q + i), _mm256_permutevar8x32_epi32(v, perm));
+    }
+    int32_t buf[8], total = 0;
+    _mm256_storeu_si256((__m256i *)buf, sum);
+    for (int k = 0; k < 8; k++) total += buf[k];
+    for (; i < n; i++) {
+        float p = x[i] * s;
+        p = p < -128.0f ? -128.0f : p > 127.0f ? 127.0f : p;
+        int v = (int)__builtin_nearbyintf(p);
+        q[i] = (int8_t)v;
+        total += v;
+    }
+    return total;
+}
+
+/* ---- dense (lm_head) ------------------------------------------------------------------------ */
+
+OB_INLINE __m256 ld8w(const void *w, const int wt, size_t i) {
+    if (wt == 0) return _mm256_loadu_ps((const float *)w + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
+    if (wt == 1) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+}
+
+static float ld1w(const void *w, int wt, size_t i);
+
+OB_INLINE void dense_mk_n(const void *w, const int wt, size_t K, const float *x, const int NT, float *out,
+                          size_t os) {
+    __m256 a[4][OB_TB];
+    for (int r = 0; r < 4; r++)
+        for (int t = 0; t < NT; t++) a[r][t] = _mm256_setzero_ps();
+    size_t k = 0;
+    for (; k + 8 <= K; k += 8)
+        for (int r = 0; r < 4; r++) {
+            __m256 wv = ld8w(w, wt, r * K + k);
+            for (int t = 0; t < NT; t++) a[r][t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * K + k), a[r][t]);
+        }
+    for (int t = 0; t < NT; t++) {
+        float s[4];
+        _mm_storeu_ps(s, hsum4_ps(a[0][t], a[1][t], a[2][t], a[3][t]));
+        for (int r = 0; r < 4; r++) {
+            for (size_t kk = k; kk < K; kk++) s[r] += ld1w(w, wt, r * K + kk) * x[t * K + kk];
+            out[t * os + r] = s[r];
+        }
+    }
+}
+
+#define OB_HAVE_DENSE
+static void prim_dense_generic(const void *w, int wt, size_t K, int nr, const float *x, int nt, float *out, size_t os) {
+    for (int t = 0; t < nt; t++)
+        for (int r = 0; r < nr; r++) {
+            __m256 a = _mm256_setzero_ps();
+            size_t k = 0;
+            for (; k + 8 <= K; k += 8) a = _mm256_fmadd_ps(ld8w(w, wt, r * K + k), _mm256_loadu_ps(x + t * K + k), a);
+            float s = hsum_ps(a);
+            for (; k < K; k++) s += ld1w(w, wt, r * K + k) * x[t * K + k];
+            out[t * os + r] = s;
+        }
+}
+
+#define DENSE_CASE(WT)                                                    \
+    if (nt == 3) dense_mk_n(w, WT, K, x, 3, out, os);                     \
+    else if (nt == 2) dense_mk_n(w, WT, K, x, 2, out, os);                \
+    else dense_mk_n(w, WT, K, x, 1, out, os);
+
+static void prim_dense_mk(const void *w, int wt, size_t K, int nr, const float *x, int nt, float *out, size_t os) {
+    if (nr != 4) {
+        prim_dense_generic(w, wt, K, nr, x, nt, out, os);
+        return;
+    }
+    if (wt == 0) { DENSE_CASE(0) }
+    else if (wt == 1) { DENSE_CASE(1) }
+    else { DENSE_CASE(2) }
+}
+
+/* int8 x int8 on 4-row interleaved tiles: maddubs(|w|, sign(x, w)) is exact because |x|, |w| <= 127 */
+#define OB_HAVE_DENSE_I8
+OB_INLINE void i8_mk_n(const int8_t *w, size_t K32, const int8_t *x, const int NT, int32_t *out, size_t os) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i a[4][OB_TB];
+    for (int r = 0; r < 4; r++)
+        for (int t = 0; t < NT; t++) a[r][t] = _mm256_setzero_si256();
+    for (size_t k = 0; k < K32; k += 32)
+        for (int r = 0; r < 4; r++) {
+            __m256i wv = _mm256_loadu_si256((const __m256i *)(w + (k / 32 * 4 + r) * 32)), aw = _mm256_abs_epi8(wv);
+            for (int t = 0; t < NT; t++) {
+                __m256i sx = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x + t * K32 + k)), wv);
+                a[r][t] = _mm256_add_epi32(a[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones));
+            }
+        }
+    for (int t = 0; t < NT; t++) _mm_storeu_si128((__m128i *)(out + t * os), hsum4_epi32(a[0][t], a[1][t], a[2][t], a[3][t]));
+}
+
+static void prim_i8_mk(const int8_t *w, size_t K32, const int8_t *x, int nt, int32_t *out, size_t os) {
+    if (nt == 3) i8_mk_n(w, K32, x, 3, out, os);
+    else if (nt == 2) i8_mk_n(w, K32, x, 2, out, os);
+    else i8_mk_n(w, K32, x, 1, out, os);
+}
+
+/* ---- attention ------------------------------------------------------------------------------ */
+
+OB_INLINE __m256 exp256(__m256 x) { /* Cephes-style expf, ~1 ulp on [-87, 88] */
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.37626f));
+    __m256 fx = _mm256_round_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)),
+                                _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+OB_INLINE __m256 ld8kv(const void *p, int kvt, int i) {
+    if (kvt == 0) return _mm256_loadu_ps((const float *)p + i);
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+}
+
+static float ld1w(const void *w, int wt, size_t i) {
+    if (wt == 0) return ((const float *)w)[i];
+    uint16_t h = ((const uint16_t *)w)[i];
+    if (wt == 1) {
+        union { uint32_t u; float f; } b = {(uint32_t)h << 16};
+        return b.f;
+    }
+    return _cvtsh_ss(h);
+}
+
+#define OB_HAVE_ATTN
+/* NQ (1..4) queries x one key per step: the key row is loaded once for all of them */
+OB_INLINE void scores_n(const float *q, const int NQ, const char *k, int kvt, size_t esz, int nk, int D, float scale,
+                        float *s) {
+    for (int j = 0; j < nk; j++) {
+        const char *kj = k + (size_t)j * D * esz;
+        __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        int d = 0;
+        for (; d + 8 <= D; d += 8) {
+            __m256 kv = ld8kv(kj, kvt, d);
+            for (int r = 0; r < NQ; r++) a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (size_t)r * D + d), kv, a[r]);
+        }
+        float out[4];
+        _mm_storeu_ps(out, hsum4_ps(a[0], a[1], a[2], a[3]));
+        for (int r = 0; r < NQ; r++) {
+            for (int dd = d; dd < D; dd++) out[r] += q[(size_t)r * D + dd] * ld1w(kj, kvt ? 2 : 0, (size_t)dd);
+            s[r * OB_KB + j] = out[r] * scale;
+        }
+    }
+}
+
+static void prim_scores(const float *q, int nq, const void *k, int kvt, int nk, int D, float scale, float *s) {
+    size_t esz = kvt == 0 ? 4 : 2;
+    for (int i = 0; i < nq; i += 4) {
+        const float *qi = q + (size_t)i * D;
+        float *si = s + (size_t)i * OB_KB;
+        switch (nq - i) {
+        case 1: scores_n(qi, 1, k, kvt, esz, nk, D, scale, si); break;
+        case 2: scores_n(qi, 2, k, kvt, esz, nk, D, scale, si); break;
+        case 3: scores_n(qi, 3, k, kvt, esz, nk, D, scale, si); break;
+        default: scores_n(qi, 4, k, kvt, esz, nk, D, scale, si);
+        }
+    }
+}
+
+/* o[r, d0:d0+8C] += sum_j p[r, j] v[j, d0:d0+8C] for NQ queries, output held in registers over the keys */
+OB_INLINE void pv_tile(const float *p, const int NQ, const char *v, int kvt, size_t esz, int nk, int D, int d0,
+                       const int C, float *o) {
+    __m256 a[4][4];
+    for (int r = 0; r < NQ; r++)
+        for (int c = 0; c < C; c++) a[r][c] = _mm256_loadu_ps(o + (size_t)r * D + d0 + 8 * c);
+    for (int j = 0; j < nk; j++) {
+        const char *vj = v + (size_t)j * D * esz;
+        __m256 vv[4];
+        for (int c = 0; c < C; c++) vv[c] = ld8kv(vj, kvt, d0 + 8 * c);
+        for (int r = 0; r < NQ; r++) {
+            __m256 pr = _mm256_broadcast_ss(p + r * OB_KB + j);
+            for (int c = 0; c < C; c++) a[r][c] = _mm256_fmadd_ps(pr, vv[c], a[r][c]);
+        }
+    }
+    for (int r = 0; r < NQ; r++)
+        for (int c = 0; c < C; c++) _mm256_storeu_ps(o + (size_t)r * D + d0 + 8 * c, a[r][c]);
+}
+
+OB_INLINE void pv_n(const float *p, const int NQ, const char *v, int kvt, size_t esz, int nk, int D, float *o) {
+    int d0 = 0;
+    for (; d0 + 32 <= D; d0 += 32) pv_tile(p, NQ, v, kvt, esz, nk, D, d0, 4, o);
+    for (; d0 + 8 <= D; d0 += 8) pv_tile(p, NQ, v, kvt, esz, nk, D, d0, 1, o);
+    for (; d0 < D; d0++)
+        for (int r = 0; r < NQ; r++)
+            for (int j = 0; j < nk; j++) o[(size_t)r * D + d0] += p[r * OB_KB + j] * ld1w(v, kvt ? 2 : 0, (size_t)j * D + d0);
+}
+
+static void prim_pv(const float *p, int nq, const void *v, int kvt, int nk, int D, float *o) {
+    size_t esz = kvt == 0 ? 4 : 2;
+    for (int i = 0; i < nq; i += 4) {
+        const float *pi = p + (size_t)i * OB_KB;
+        float *oi = o + (size_t)i * D;
+        switch (nq - i) {
+        case 1: pv_n(pi, 1, v, kvt, esz, nk, D, oi); break;
+        case 2: pv_n(pi, 2, v, kvt, esz, nk, D, oi); break;
+        case 3: pv_n(pi, 3, v, kvt, esz, nk, D, oi); break;
+        default: pv_n(pi, 4, v, kvt, esz, nk, D, oi);
+        }
+    }
+}
+
+static void prim_exp(float *x, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, exp256(_mm256_loadu_ps(x + i)));
+    if (i < n) {
+        float buf[8] = {0};
+        for (int k = i; k < n; k++) buf[k - i] = x[k];
+        _mm256_storeu_ps(buf, exp256(_mm256_loadu_ps(buf)));
+        for (int k = i; k < n; k++) x[k] = buf[k - i];
+    }
+}
+

@@ -1,0 +1,299 @@
+"""cpu backend kernels against numpy_ref, on fresh random inputs and odd shapes, for every ISA this CPU runs."""
+
+import numpy as np
+import pytest
+
+from onebit.errors import UnsupportedError
+from onebit.kernels import numpy_ref
+from onebit.kernels.numpy_ref import NumpyBackend, act_quant, int_dot
+from onebit.weights.packing import TernaryWeight
+
+cpu = pytest.importorskip("onebit.kernels.cpu", reason="cpu backend package missing")
+if not cpu.CpuBackend.is_available():
+    pytest.skip("the cpu backend's C extension is not built (pip install -e . with a C compiler)",
+                allow_module_level=True)
+
+REF = NumpyBackend()
+RUNNABLE = cpu.supported_isas()
+NOT_RUNNABLE = [i for i in cpu.compiled_isas() if i not in RUNNABLE]
+
+
+@pytest.fixture(scope="module", params=RUNNABLE)
+def backend(request):
+    return cpu.CpuBackend(isa=request.param, threads=2)
+
+
+@pytest.mark.parametrize("isa", NOT_RUNNABLE or ["none"])
+def test_isas_this_cpu_cannot_run(isa):
+    if isa == "none":
+        return
+    pytest.skip(f"{isa} is compiled in but this CPU lacks it: its kernels are not tested here (runs {RUNNABLE})")
+
+
+def rng():
+    return np.random.default_rng()
+
+
+def ternary(r, out, inp, grid):
+    t = r.integers(-1, 2, (out, inp)).astype(np.int8)
+    scales = r.uniform(0.25, 2.0, grid).astype(np.float32) * r.choice([-1, 1], grid).astype(np.float32)
+    return t, TernaryWeight.from_ternary(t, scales)
+
+
+# (T, out, in, scale grid): odd sizes, every grid kind; in not a multiple of 4, 32 or 256 included
+TERNARY_CASES = [
+    (1, 1, 1, (1, 1)), (1, 37, 1029, (1, 1)), (1, 6, 7, (2, 7)), (2, 5, 3, (5, 1)), (3, 130, 300, (1, 3)),
+    (4, 64, 512, (4, 2)), (5, 9, 1000, (9, 4)), (7, 33, 768, (33, 3)), (1, 250, 2560, (1, 1)),
+    (9, 71, 777, (71, 1)), (16, 128, 256, (1, 1)), (33, 19, 513, (1, 1)),
+]
+
+
+@pytest.mark.parametrize("case", TERNARY_CASES, ids=lambda c: "x".join(map(str, c[:3])) + f"-g{c[3][0]}x{c[3][1]}")
+def test_ternary_int8_accumulators_and_outputs_are_exact(backend, case):
+    r = rng()
+    T, out, inp, grid = case
+    t, w = ternary(r, out, inp, grid)
+    x = (r.standard_normal((T, inp)) * r.uniform(0.01, 100)).astype(np.float32)
+    acc = np.zeros((grid[1], T, out), dtype=np.int32)
+    y = backend.ternary_matmul(x, backend.prepare_ternary(w), 8, acc=acc)
+    xq, _ = act_quant(x)
+    cg = inp // grid[1]
+    want = np.stack([int_dot(xq[:, g * cg:(g + 1) * cg], t[:, g * cg:(g + 1) * cg]) for g in range(grid[1])])
+    assert np.array_equal(acc, want)
+    assert np.array_equal(y, REF.ternary_matmul(x, REF.prepare_ternary(w), 8))
+
+
+def test_ternary_int8_extreme_activations(backend):
+    """All activations at +-127 after quantization: the largest int16 partial sums the kernels can see."""
+    r = rng()
+    t, w = ternary(r, 24, 4096, (1, 1))
+    t[:] = 1
+    w = TernaryWeight.from_ternary(t, 1.0)
+    x = np.full((2, 4096), 3.0, dtype=np.float32)
+    x[1] = -3.0
+    cw = backend.prepare_ternary(w)
+    assert np.array_equal(backend.ternary_matmul(x, cw, 8), REF.ternary_matmul(x, REF.prepare_ternary(w), 8))
+    t2 = -np.ones_like(t)
+    w2 = TernaryWeight.from_ternary(t2, 1.0)
+    assert np.array_equal(backend.ternary_matmul(x, backend.prepare_ternary(w2), 8),
+                          REF.ternary_matmul(x, REF.prepare_ternary(w2), 8))
+
+
+@pytest.mark.parametrize("case", TERNARY_CASES[:9], ids=lambda c: "x".join(map(str, c[:3])))
+def test_ternary_float_activations_match_within_rounding(backend, case):
+    r = rng()
+    T, out, inp, grid = case
+    _, w = ternary(r, out, inp, grid)
+    x = r.standard_normal((T, inp)).astype(np.float32)
+    y = backend.ternary_matmul(x, backend.prepare_ternary(w), None)
+    want = REF.ternary_matmul(x, REF.prepare_ternary(w), None)
+    scale = np.abs(x).sum(axis=1, keepdims=True) * np.abs(w.scales).max()
+    assert np.all(np.abs(y - want) <= 2e-6 * scale + 1e-30)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (3, 257), (5, 2560), (2, 6912), (64, 100)])
+def test_act_quant_is_bit_identical(backend, shape):
+    r = rng()
+    x = (r.standard_normal(shape) * r.uniform(1e-3, 1e3)).astype(np.float32)
+    q, s = backend.act_quant(x)
+    qr, sr = act_quant(x)
+    assert np.array_equal(q, qr) and np.array_equal(s, sr)
+
+
+def test_act_quant_ties_round_half_to_even(backend):
+    x = np.array([[127.0] + [k + 0.5 for k in range(-20, 20)] + [-0.5, 0.5, 2.5, -2.5]], dtype=np.float32)
+    q, s = backend.act_quant(x)
+    qr, _ = act_quant(x)
+    assert s[0, 0] == 1.0 and np.array_equal(q, qr)
+    zero = np.zeros((1, 9), dtype=np.float32)  # max(|x|, 1e-5) keeps the scale finite
+    assert np.array_equal(backend.act_quant(zero)[0], act_quant(zero)[0])
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (2, 100), (3, 2560), (4, 6912), (1, 1029), (40, 2048)])
+def test_rmsnorm_is_bit_identical(backend, shape):
+    r = rng()
+    x = (r.standard_normal(shape) * r.uniform(0.1, 10)).astype(np.float32)
+    w = (1 + 0.1 * r.standard_normal(shape[1])).astype(np.float32)
+    assert np.array_equal(backend.rmsnorm(x, backend.prepare_dense(w), 1e-5), numpy_ref.rmsnorm(x, w, 1e-5))
+
+
+@pytest.mark.parametrize("T,H,D", [(1, 1, 2), (5, 3, 64), (17, 4, 128), (3, 20, 128), (600, 2, 32)])
+def test_rope_is_bit_identical(backend, T, H, D):
+    r = rng()
+    x = r.standard_normal((T, H, D)).astype(np.float32)
+    pos = r.integers(0, 5000, T)
+    for theta in (10000.0, 500000.0):
+        assert np.array_equal(backend.rope(x, pos, theta), numpy_ref.rope(x, pos, theta))
+
+
+@pytest.mark.parametrize("n", [1, 13, 6912, 40000])
+def test_glu(backend, n):
+    r = rng()
+    g, u = (r.standard_normal((1, n)) * 3).astype(np.float32), r.standard_normal((1, n)).astype(np.float32)
+    assert np.array_equal(backend.glu(g, u, "relu2"), REF.glu(g, u, "relu2"))
+    want = REF.glu(g, u, "silu")
+    assert np.allclose(backend.glu(g, u, "silu"), want, rtol=3e-6, atol=1e-6)
+
+
+def test_add_concat_to_numpy(backend):
+    r = rng()
+    a, b = r.standard_normal((3, 5)).astype(np.float32), r.standard_normal((3, 5)).astype(np.float32)
+    assert np.array_equal(backend.add(a, b), a + b)
+    assert np.array_equal(backend.concat([a, b]), np.concatenate([a, b]))
+    assert backend.to_numpy(a).dtype == np.float32
+
+
+@pytest.mark.parametrize("kind", ["f32", "bf16", "f16"])
+def test_embed_gathers_rows_exactly(backend, kind):
+    r = rng()
+    table = table_of(r, kind, (301, 67))
+    h = backend.prepare_dense(table)
+    assert h.dtype_name == kind
+    ids = r.integers(0, 301, 9)
+    assert np.array_equal(backend.embed(h, ids), table[ids])
+
+
+def table_of(r, kind, shape):
+    t = r.standard_normal(shape).astype(np.float32)
+    if kind == "bf16":
+        return (t.view(np.uint32) & 0xFFFF0000).view(np.float32)
+    if kind == "f16":
+        return t.astype(np.float16).astype(np.float32)
+    return t
+
+
+@pytest.mark.parametrize("kind", ["f32", "bf16", "f16"])
+@pytest.mark.parametrize("T,N,K", [(1, 1, 1), (1, 261, 67), (2, 5, 9), (3, 100, 2560), (7, 1001, 130)])
+def test_dense_matmul_16bit_and_f32(backend, kind, T, N, K):
+    r = rng()
+    w = table_of(r, kind, (N, K))
+    x = r.standard_normal((T, K)).astype(np.float32)
+    y = backend.dense_matmul(x, backend.prepare_dense(w))
+    want = x @ w.T
+    assert np.all(np.abs(y - want) <= 1e-5 * (np.abs(x) @ np.abs(w).T) + 1e-30)
+
+
+def int8_head_twin(x, w):
+    """The int8 lm_head's math in NumPy: rows and tokens quantized like act_quant, integer dot, rescale."""
+    wq, ws = act_quant(w)  # per row: s = 127 / max|row|
+    xq, xs = act_quant(x)
+    acc = int_dot(xq, wq)
+    return (acc.astype(np.float32) / xs) * (np.float32(1.0) / ws.reshape(1, -1))
+
+
+@pytest.mark.parametrize("T,N,K", [(1, 1, 1), (1, 261, 67), (3, 100, 2560), (5, 77, 33)])
+def test_dense_matmul_int8_head_matches_its_twin(T, N, K):
+    isa = cpu.best_isa()
+    b = cpu.CpuBackend(isa=isa, threads=2, lm_head="int8")
+    r = rng()
+    w = table_of(r, "bf16", (N, K))
+    x = r.standard_normal((T, K)).astype(np.float32)
+    h = b.prepare_dense(w)
+    y = b.dense_matmul(x, h)
+    assert h.int8 is not None  # built lazily, once
+    want = int8_head_twin(x, w)
+    assert np.allclose(y, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+    assert np.array_equal(b.embed(h, np.array([0, N - 1])), w[[0, N - 1]])  # gather still uses the 16-bit table
+
+
+def fill_cache(b, r, L, hkv, d, max_len, n):
+    nc, cc = REF.make_cache(L, hkv, d, max_len), b.make_cache(L, hkv, d, max_len)
+    for layer in range(L):
+        k, v = r.standard_normal((n, hkv, d)).astype(np.float32), r.standard_normal((n, hkv, d)).astype(np.float32)
+        REF.kv_append(nc, layer, k, v, 0)
+        b.kv_append(cc, layer, k, v, 0)
+    return nc, cc
+
+
+@pytest.mark.parametrize("T,start,hq,hkv,d", [
+    (1, 0, 1, 1, 8), (1, 1000, 20, 5, 128), (1, 77, 4, 4, 64), (3, 500, 8, 2, 32),
+    (37, 0, 4, 2, 64), (40, 23, 6, 3, 16), (130, 5, 2, 1, 128), (5, 3000, 4, 1, 100)])
+def test_attention_matches_reference(backend, T, start, hq, hkv, d):
+    r = rng()
+    nc, cc = fill_cache(backend, r, 2, hkv, d, start + T + 3, start + T)
+    q = (r.standard_normal((T, hq, d)) * 2).astype(np.float32)
+    for layer in (0, 1):
+        y = backend.attention(q, cc, layer, start)
+        want = REF.attention(q, nc, layer, start)
+        assert np.allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_f16_cache_is_close():
+    b = cpu.CpuBackend(threads=2, kv_dtype="f16")
+    r = rng()
+    nc, cc = fill_cache(b, r, 1, 2, 64, 400, 300)
+    assert cc.k.dtype == np.float16 and cc.nbytes() == nc.nbytes() // 2
+    q = r.standard_normal((2, 4, 64)).astype(np.float32)
+    assert np.allclose(b.attention(q, cc, 0, 298), REF.attention(q, nc, 0, 298), rtol=0, atol=5e-3)
+
+
+def test_cache_protocol(backend):
+    c = backend.make_cache(2, 1, 8, 16)
+    assert (c.length, c.max_len) == (0, 16) and c.nbytes() == 2 * 2 * 16 * 8 * 4
+    c.length = 10
+    c.trim(4)
+    assert c.length == 4
+    with pytest.raises(ValueError):
+        backend.kv_append(c, 0, np.zeros((3, 1, 8), np.float32), np.zeros((3, 1, 8), np.float32), 15)
+
+
+def test_empty_inputs(backend):
+    z = np.zeros((0, 7), np.float32)
+    w = backend.prepare_ternary(TernaryWeight.from_ternary(np.ones((5, 7)), 1.0))
+    table = backend.prepare_dense(np.ones((3, 7), np.float32))
+    assert backend.ternary_matmul(z, w, 8).shape == backend.ternary_matmul(z, w, None).shape == (0, 5)
+    assert backend.rmsnorm(z, np.ones(7, np.float32), 1e-5).shape == backend.glu(z, z, "silu").shape == (0, 7)
+    assert backend.dense_matmul(z, table).shape == (0, 3) and backend.embed(table, []).shape == (0, 7)
+    q = np.zeros((0, 2, 8), np.float32)
+    assert backend.rope(q, np.zeros(0, np.int64), 1e4).shape == (0, 2, 8)
+    assert backend.attention(q, backend.make_cache(1, 1, 8, 4), 0, 0).shape == (0, 2, 8)
+
+
+def test_thread_counts_agree():
+    r = rng()
+    t, w = ternary(r, 301, 1000, (1, 1))
+    x = r.standard_normal((5, 1000)).astype(np.float32)
+    outs = []
+    for n in (1, 2, 3):
+        b = cpu.CpuBackend(threads=n)
+        assert b.threads == n
+        outs.append(b.ternary_matmul(x, b.prepare_ternary(w), 8))
+    assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+
+
+def test_isa_choice(monkeypatch):
+    assert "scalar" in cpu.supported_isas() and set(cpu.supported_isas()) <= set(cpu.compiled_isas())
+    assert cpu.CpuBackend().isa == cpu.best_isa()
+    monkeypatch.setenv("ONEBIT_CPU_ISA", "scalar")
+    assert cpu.CpuBackend().isa == "scalar"
+    monkeypatch.setenv("ONEBIT_CPU_ISA", "sse9")
+    with pytest.raises(UnsupportedError, match="sse9"):
+        cpu.CpuBackend()
+    missing = [i for i in cpu.compiled_isas() if i not in cpu.supported_isas()]
+    for isa in missing:  # compiled in, but this CPU lacks it: a clear error, never a crash
+        monkeypatch.setenv("ONEBIT_CPU_ISA", isa)
+        with pytest.raises(UnsupportedError, match="lacks"):
+            cpu.CpuBackend()
+
+
+def test_registry_passes_options():
+    from onebit.kernels import get_backend
+
+    b = get_backend("cpu", threads=1, lm_head="int8")
+    assert (b.name, b.threads, b.lm_head) == ("cpu", 1, "int8")
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork() on this platform")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")  # the point of the test
+def test_backend_keeps_working_in_a_forked_child():
+    import os
+
+    b = cpu.CpuBackend(threads=2)
+    _, w = ternary(rng(), 300, 700, (1, 1))
+    cw = b.prepare_ternary(w)
+    x = rng().standard_normal((3, 700)).astype(np.float32)
+    y = b.ternary_matmul(x, cw, 8)
+    pid = os.fork()
+    if pid == 0:  # the pool's workers do not exist here: kernels must run inline, not hang
+        os._exit(0 if np.array_equal(b.ternary_matmul(x, cw, 8), y) else 1)
+    assert os.waitpid(pid, 0)[1] == 0
