@@ -8,6 +8,7 @@ import logging
 import sys
 
 COMMANDS = {
+    "serve": "serve the model over an OpenAI-compatible HTTP API (sessions, batching, auth, metrics)",
     "run": "generate text from a prompt, streamed to the terminal",
     "chat": "chat interactively, with the model's chat template",
     "info": "describe a model: architecture, sizes, formats, bits per weight, tokenizer",
