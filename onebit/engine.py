@@ -11,12 +11,16 @@ kernels release the GIL, NumPy mostly does), and chunks reach the loop through `
 (seed + index). Cancelling (a client that went away) frees the request's slots at the next step; the session
 keeps the K/V of what was already computed. Past ``max_queue`` waiting requests, ``submit`` raises
 ``Overloaded``. Requests for a session that is busy wait in the queue (see ``onebit.cache``).
+
+Introspection (``sessions``, ``evict_session``; anything through ``call``) also runs on the worker, between
+steps. ``overrides`` stores the sampler values the server fills into requests that leave them unset.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import queue
@@ -34,7 +38,7 @@ from .errors import OneBitError
 
 log = logging.getLogger("onebit.engine")
 
-__all__ = ["Engine", "GenerationRequest", "Chunk", "TokenLogprob", "Usage", "Stream",
+__all__ = ["Engine", "GenerationRequest", "Chunk", "TokenLogprob", "Usage", "Stream", "SamplerOverrides",
            "EngineError", "Overloaded", "NotReady", "ContextOverflow"]
 
 
@@ -98,6 +102,61 @@ class Usage:
 
 
 _END = object()
+
+OVERRIDABLE = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+               "repetition_penalty", "seed", "max_tokens")
+
+
+class SamplerOverrides:
+    """Sampler values for requests that leave a field unset: server-wide, then per session (these win).
+
+    Only storage: callers validate values (the admin layer, with the OpenAI request's constraints) and the
+    HTTP routes apply them before building SamplingParams. Safe to use from any thread."""
+
+    def __init__(self, max_sessions: int = 4096):
+        self.max_sessions = max_sessions
+        self._lock = threading.Lock()
+        self._server: dict[str, object] = {}
+        self._sessions: dict[str, dict[str, object]] = {}
+
+    def update(self, values: dict, session_id: str | None = None) -> None:
+        unknown = sorted(set(values) - set(OVERRIDABLE))
+        if unknown:
+            raise ValueError(f"not a sampler field: {', '.join(unknown)} (fields: {', '.join(OVERRIDABLE)})")
+        with self._lock:
+            if session_id is None:
+                self._server.update(values)
+            elif session_id in self._sessions or len(self._sessions) < self.max_sessions:
+                self._sessions.setdefault(session_id, {}).update(values)
+            else:
+                raise ValueError(f"{self.max_sessions} sessions already have overrides; reset some first")
+
+    def reset(self, session_id: str | None = None, fields=None, all_sessions: bool = False) -> None:
+        """Forget the server-wide values (or one session's, or every session's); only ``fields`` if given."""
+        with self._lock:
+            targets = (list(self._sessions.values()) if all_sessions else
+                       [self._server] if session_id is None else [self._sessions.get(session_id, {})])
+            for t in targets:
+                for name in list(t) if fields is None else fields:
+                    t.pop(name, None)
+            self._sessions = {k: v for k, v in self._sessions.items() if v}
+
+    def resolve(self, session_id: str | None = None) -> dict:
+        """The values a request of ``session_id`` gets for the fields it leaves unset."""
+        with self._lock:
+            return {**self._server, **self._sessions.get(session_id, {})} if session_id else dict(self._server)
+
+    def snapshot(self) -> tuple[dict, dict[str, dict]]:
+        """(server-wide values, {session id: values})."""
+        with self._lock:
+            return dict(self._server), {k: dict(v) for k, v in self._sessions.items()}
+
+
+def _run_call(fn, future: concurrent.futures.Future) -> None:
+    try:
+        future.set_result(fn())
+    except Exception as e:  # noqa: BLE001 - handed to the caller
+        future.set_exception(e)
 
 
 def _deliver_all(pairs) -> None:
@@ -268,7 +327,12 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
+        self.tokens_generated = 0
         self.ctx = 0
+        self.overrides = SamplerOverrides()
+        self.sampling_time = [0.0, 0]  # seconds and calls of the samplers (the kernels' timings cover the rest)
+        self.recent: collections.deque = collections.deque(maxlen=4096)  # per step: (end, seconds, prompt, generated)
+        self._turns: dict[str, int] = {}  # session id -> turns its cached KV holds
 
     # -- public ------------------------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -317,6 +381,27 @@ class Engine:
     def cancel(self, request_id: str) -> None:
         """Stop a request (from any thread); its slots are freed at the next step."""
         self._inbox.put(("cancel", request_id))
+
+    def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        """Run ``fn()`` on the worker between steps (it owns the sessions); the future gets its result."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        if self._stopping or self._thread is None:
+            future.set_exception(NotReady("the engine is not running"))
+        elif not self.ready.is_set():
+            why = "the model failed to load" if self.load_error else "the model is still loading"
+            future.set_exception(NotReady(why))
+        else:
+            self._inbox.put(("call", (fn, future)))
+        return future
+
+    def sessions(self, token_ids: bool = False) -> concurrent.futures.Future:
+        """Named sessions kept, as dicts: id, tokens, bytes, capacity, turns, busy, idle_s (and token_ids)."""
+        return self.call(lambda: self._session_rows(token_ids))
+
+    def evict_session(self, session_id: str) -> concurrent.futures.Future:
+        """Drop an idle session's KV cache (its next turn prefills everything); the future gets its row.
+        KeyError: no such session; EngineError: a request is using it."""
+        return self.call(lambda: self._evict(session_id))
 
     def stats(self) -> dict:
         """Counters for /metrics and MCP: running and waiting requests, sequences, steps, KV cache, kernels."""
@@ -375,6 +460,8 @@ class Engine:
                 return False
             if kind == "submit":
                 self._enqueue(arg)
+            elif kind == "call":
+                _run_call(*arg)
             else:
                 self._cancel(arg)
             try:
@@ -439,6 +526,11 @@ class Engine:
         lead = _Seq(job, 0, job.lease.cache, self.model.tokenizer)
         job.seqs = [lead]
         job.todo = list(req.prompt_ids[job.lease.reused:])
+        if req.session_id is not None:
+            turns = self._turns.get(req.session_id, 0) if job.lease.hit == "session" else 0
+            self._turns[req.session_id] = turns + 1
+            if len(self._turns) > 2 * self.store.max_sessions:
+                self._session_rows()  # forgets the turns of sessions no longer kept
         self._active.append(lead)
         self._prefilling.append(job)
 
@@ -450,6 +542,7 @@ class Engine:
                 items.append((seq.feed, seq.cache))
                 owners.append(seq)
         budget = self.prefill_chunk
+        t0, generated = time.perf_counter(), self.tokens_generated
         for job in self._prefilling:
             if budget <= 0:
                 break
@@ -473,6 +566,8 @@ class Engine:
                 self._after_feed(owner, lg[-1])
             elif not owner.todo and not owner.cancelled:
                 self._prefilled(owner, lg[-1])
+        self.recent.append((time.monotonic(), time.perf_counter() - t0, self.prefill_chunk - budget,
+                            self.tokens_generated - generated))
 
     def _prefilled(self, job: _Job, logits: np.ndarray) -> None:
         """The prompt is in the leader's cache: fork the other choices, then sample every choice."""
@@ -500,13 +595,19 @@ class Engine:
         job = seq.job
         if job.cancelled:
             return
+        t0 = time.perf_counter()
         try:
             token, lp = seq.sample(logits, self.model.tokenizer)
         except Exception as e:  # noqa: BLE001 - e.g. a logit_bias id outside the vocabulary
             self._fail(job, e)
             return
+        finally:
+            timing = self.sampling_time
+            timing[0] += time.perf_counter() - t0
+            timing[1] += 1
         seq.generated.append(token)
         job.completion_tokens += 1
+        self.tokens_generated += 1
         finish = None
         if token in job.stop_ids:
             text, finish = seq.flush_text(), "stop"
@@ -581,6 +682,26 @@ class Engine:
         if not job.seqs and job.lease is not None:
             self.store.release(job.lease, [], keep=False)
 
+    # -- sessions, for introspection (run on the worker through call()) ------------------------------------
+    def _session_rows(self, token_ids: bool = False) -> list[dict]:
+        entries = [e for e in list(self.store._entries.values()) if e.named]
+        self._turns = {e.key: self._turns.get(e.key, 0) for e in entries}
+        now = time.monotonic()
+        return [{"id": e.key, "tokens": len(e.tokens), "bytes": e.cache.nbytes(), "capacity": e.cache.max_len,
+                 "turns": self._turns[e.key], "busy": e.busy, "idle_s": max(0.0, now - e.last_used),
+                 **({"token_ids": list(e.tokens)} if token_ids else {})} for e in entries]
+
+    def _evict(self, session_id: str) -> dict:
+        rows = {r["id"]: r for r in self._session_rows()}
+        if session_id not in rows:
+            raise KeyError(session_id)
+        if rows[session_id]["busy"]:
+            raise EngineError(f"session {session_id!r} is in use by a running request; evict it when it ends")
+        self.store._drop(self.store._entries[session_id])
+        self.store.evictions += 1
+        self._turns.pop(session_id, None)
+        return rows[session_id]
+
     def _shutdown(self) -> None:
         err = EngineError("the server is shutting down")
         while True:  # requests submitted after the stop message
@@ -590,6 +711,8 @@ class Engine:
                 break
             if kind == "submit":
                 self._enqueue(arg)
+            elif kind == "call":
+                arg[1].set_exception(err)
         for job in list(self._jobs.values()):
             self._emit(job, err)
             job.cancelled = True

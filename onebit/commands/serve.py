@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import socket
 import sys
 import time
 
@@ -20,6 +23,9 @@ def add_arguments(p) -> None:
     g.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
                    help="allowed browser origin (repeatable; '*' allows any); unset: localhost origins only")
     g.add_argument("--max-body-bytes", type=int, default=8 << 20, help="largest request body accepted (413 above)")
+    g.add_argument("--mcp-port", type=int, default=8181,
+                   help="port of the MCP server (streamable HTTP at /mcp) over the same engine and API keys")
+    g.add_argument("--no-mcp", action="store_true", help="do not serve MCP")
     g = p.add_argument_group("security and limits")
     g.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' (also: --api-key-file, env ONEBIT_API_KEY)")
@@ -65,17 +71,70 @@ def main(args) -> int:
     engine.on_load_error = lambda e: setattr(server, "should_exit", True)
     print(f"1bit serve: {settings.model_id} at http://{args.host}:{args.port}/v1 (loading the model...)",
           file=sys.stderr)
-    server.run()
+    mcp = None if args.no_mcp else _mcp_listener(server, args, keys)
+    if mcp is None:
+        server.run()
+    else:
+        asyncio.run(_serve_both(server, *mcp))
     if engine.load_error is not None:
         e = engine.load_error
         raise e if isinstance(e, (OneBitError, OSError, ValueError)) else OneBitError(f"loading failed: {e}")
     return 0
 
 
+# ---- the MCP listener: a second uvicorn server in the same process and loop, over the same engine ----------------
+
+
+def _mcp_listener(api, args, keys):
+    """(server, socket) for MCP at :mcp-port/mcp, or None when the port is taken (the API still serves).
+    Without an API key it stays on loopback even when --host exposes the API."""
+    import uvicorn
+
+    from ..mcp import create_mcp_app
+
+    host = args.host if keys or args.host in LOOPBACK else "127.0.0.1"
+    if host != args.host:
+        print(f"1bit serve: MCP stays on {host} (no API key to protect it on {args.host})", file=sys.stderr)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, args.mcp_port))
+    except OSError as e:
+        sock.close()
+        print(f"1bit serve: warning: MCP not served, cannot listen on {host}:{args.mcp_port} ({e}); "
+              "pick another --mcp-port or pass --no-mcp", file=sys.stderr)
+        return None
+    app = create_mcp_app(api.config.app.state.onebit, host=host)
+    config = uvicorn.Config(app, log_level="info" if args.verbose else "warning", timeout_graceful_shutdown=2)
+    print(f"1bit serve: MCP at http://{host}:{sock.getsockname()[1]}/mcp", file=sys.stderr)
+    return _companion(config, api), sock
+
+
+def _companion(config, leader):
+    """A second uvicorn server in the process: it stops when ``leader`` does and leaves the signals to it."""
+    import uvicorn
+
+    class Companion(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            yield
+
+        async def on_tick(self, counter: int) -> bool:
+            return leader.should_exit or await super().on_tick(counter)
+
+    return Companion(config)
+
+
+async def _serve_both(api, mcp, sock) -> None:
+    await asyncio.gather(api.serve(), mcp.serve(sockets=[sock]))
+
+
 def _check(args) -> None:
     for name in ("max_queue", "max_batch", "prefill_chunk", "max_sessions", "max_body_bytes"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 < args.mcp_port < 65536:
+        raise ValueError("--mcp-port must be a TCP port (1 to 65535)")
     if args.ctx is not None and args.ctx < 2:
         raise ValueError("--ctx must be at least 2")
     for name in ("kv_budget", "session_ttl", "rate_limit_rpm", "rate_limit_tpm"):

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .admin import router as admin_router
 from .auth import BearerAuth
 from .limits import BodyLimit, RateLimiter
 from .metrics import Metrics
@@ -64,6 +65,7 @@ def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
     app.state.onebit = Context(engine, settings, Metrics(engine),
                                RateLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm))
     _add_routes(app)
+    app.include_router(admin_router, responses=_ERRORS)  # introspection and control (what `1bit mcp` calls)
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(BearerAuth, keys=settings.api_keys)

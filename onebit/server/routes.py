@@ -69,6 +69,17 @@ def session_of(request: Request, req) -> str | None:
     return sid
 
 
+def with_overrides(engine, req, session: str | None):
+    """``req`` with the engine's sampler overrides (server-wide, then the session's) in the fields it leaves
+    unset; a request's own values always win."""
+    overrides = getattr(engine, "overrides", None)
+    values = overrides.resolve(session) if overrides is not None else {}
+    fill = {k: v for k, v in values.items() if k in type(req).model_fields and getattr(req, k) is None}
+    if getattr(req, "max_completion_tokens", None) is not None:
+        fill.pop("max_tokens", None)
+    return req.model_copy(update=fill) if fill else req
+
+
 def limit_key(request: Request, session: str | None) -> str:
     if session is not None:
         return f"session:{session}"
@@ -87,6 +98,7 @@ async def chat_completions(request: Request) -> Response:
     include_usage = check_stream_options(req)
     model = c.ready_model()
     session = session_of(request, req)
+    req = with_overrides(c.engine, req, session)
     key = limit_key(request, session)
     c.limiter.check(key)
     try:
@@ -107,6 +119,7 @@ async def completions(request: Request) -> Response:
     include_usage = check_stream_options(req)
     model = c.ready_model()
     session = session_of(request, req)
+    req = with_overrides(c.engine, req, session)
     key = limit_key(request, session)
     c.limiter.check(key)
     prompts = _prompt_ids(req.prompt, model)
