@@ -14,6 +14,7 @@ COMMANDS = {
     "info": "describe a model: architecture, sizes, formats, bits per weight, tokenizer",
     "convert": "write any supported model as GGUF (tq2_0, tq1_0 or i2_s)",
     "synth": "write a random ternary model with real shapes (benchmarks, tests)",
+    "bench": "measure decode/prefill speed and memory against the roofline (and llama.cpp)",
     "mcp": "MCP server on stdio (Claude Desktop, Cursor...) over a running `1bit serve`",
 }
 

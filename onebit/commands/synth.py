@@ -23,7 +23,7 @@ def main(args) -> int:
 
     overrides = {"arch": args.arch} if args.arch else {}
     if args.arch == "llama":
-        overrides["act_bits"] = None
+        overrides.update(act_bits=None, hidden_act="silu")
     cfg = synth_config(args.name, **overrides)
     weights = random_weights(cfg, seed=args.seed)
     tok = byte_level_tokenizer()

@@ -1,0 +1,1 @@
+"""Evaluation: speed benchmarks against the roofline and peer engines (``onebit.eval.bench``)."""

@@ -1,0 +1,156 @@
+"""The benchmark harness (onebit.eval.bench, `1bit bench`): runs end to end on a tiny model and reports every
+field; the roofline arithmetic matches a hand computation. Nothing here is timed."""
+
+import json
+
+import numpy as np
+import pytest
+
+from onebit.eval import bench
+from onebit.eval.bench import BytesPerToken, Plan
+
+TINY_PLAN = Plan(ctx=(16, 32), prefill=(8, 16), tokens=4, repeats=2)
+SMALL_BUFFER = 32 << 20
+
+
+def test_roofline_by_hand_on_2b4t_shapes():
+    # 210 ternary linears: 30 x (2560*2560*2 + 640*2560*2 + 6912*2560*3) = 2,084,044,800 weights at 2 bits
+    ternary = 30 * (2560 * 2560 * 2 + 640 * 2560 * 2 + 6912 * 2560 * 3)
+    assert ternary == 2_084_044_800
+    head_f16 = bench.lm_head_bytes(128256, 2560, "f16")
+    head_i8 = bench.lm_head_bytes(128256, 2560, "int8")
+    assert head_f16 == 656_670_720 and head_i8 == 328_335_360 + 4 * 128256
+    kv = 30 * 2 * 5 * 128 * 4  # f32 K and V per position: 153,600 bytes
+    b = BytesPerToken(ternary * 2 // 8, head_f16, kv)
+    ctx = bench.decode_context(64, 32)  # steps attend over 65 .. 96 positions: mean 80.5
+    assert ctx == 80.5
+    assert b.at(ctx) == 521_011_200 + 656_670_720 + 153_600 * 80.5 == 1_190_046_720
+    assert bench.roofline_tok_s(25.0, b.at(ctx)) == pytest.approx(25e9 / 1_190_046_720)
+    assert bench.roofline_tok_s(25.0, b.at(ctx)) == pytest.approx(21.0076, abs=1e-4)
+
+
+def test_bytes_per_token_from_the_model_tensors():
+    import onebit
+
+    for head, head_bytes in (("f16", 260 * 256 * 2), ("int8", 260 * 256 + 4 * 260)):
+        model = onebit.load("tiny-random", backend="numpy", lm_head=head, tokenizer=False)
+        cache = model.make_cache(100)
+        b = bench.model_bytes_per_token(model.net, cache, head)
+        # 2 layers x (q 256x256, k 128x256, v 128x256, o 256x256, gate/up 512x256, down 256x512)
+        assert b.ternary == 2 * (65536 * 2 + 32768 * 2 + 131072 * 3) // 4
+        assert b.lm_head == head_bytes
+        assert b.kv_per_position == 2 * 2 * 2 * 64 * 4  # layers x (K, V) x kv_heads x head_dim x float32
+        assert len(bench.ternary_linears(model.net)) == 14
+
+
+def test_engine_cache_bookkeeping_matches_a_fresh_prefill():
+    """Decodes reuse the cache the previous operation left; it must equal a prefill of the same token ids."""
+    eng = bench.OnebitEngine("tiny-random", threads=1, max_len=TINY_PLAN.max_len, backend="numpy")
+    ids = TINY_PLAN.token_ids(260)
+    eng.set_ids(ids)
+    eng.prefill(16)
+    out = eng.decode(32, 4)  # extends 16 -> 32 untimed, then 4 timed steps
+    assert out["tokens"] == 4 and out["seconds"] > 0 and eng.cache.length == 36
+    eng.decode(16, 4)  # trims back to 16
+    assert eng.cache.length == 20
+    ref = bench.OnebitEngine("tiny-random", threads=1, max_len=TINY_PLAN.max_len, backend="numpy")
+    ref.set_ids(ids)
+    ref.prefill(20)
+    np.testing.assert_allclose(eng.cache.k[:, :20], ref.cache.k[:, :20], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(eng.cache.v[:, :20], ref.cache.v[:, :20], rtol=1e-4, atol=1e-5)
+
+
+def test_read_bandwidth_is_positive():
+    b = bench.read_bandwidth(2, SMALL_BUFFER, repeats=2)
+    assert 0 < b.gb_s <= b.best and len(b.runs) == 2 and b.threads == 2 and b.method in ("c", "numpy")
+    assert 0 < b.bytes <= SMALL_BUFFER
+
+
+def _check_report(d: dict, n_configs: int, plan: Plan):
+    assert set(d) >= {"plan", "configs", "bandwidth", "machine", "versions", "models", "started", "seconds",
+                      "summary", "roofline_bandwidth_gb_s"}
+    assert set(d["machine"]) >= {"cpu", "cores", "usable_cores", "flags", "memory_bytes"}
+    assert set(d["versions"]) >= {"python", "onebit", "numpy", "llama_cpp_python", "gguf"}
+    assert d["roofline_bandwidth_gb_s"] > 0
+    assert len(d["configs"]) == len(d["summary"]) == n_configs
+    ops = [f"{op}@{size}" for op, size in Plan(**{**d["plan"]}).schedule()]
+    for cfg, s in zip(d["configs"], d["summary"]):
+        assert cfg["error"] is None and cfg["memory"]["peak_rss_bytes"] > 0
+        assert set(cfg["info"]["bytes_per_token"]) == {"ternary", "lm_head", "kv_per_position"}
+        assert all(r["seconds"] > 0 and r["tok_s"] > 0 for r in cfg["runs"])
+        for op in ops:
+            if op == "gemv@0":
+                if cfg["spec"]["engine"] == "onebit":
+                    g = s["metrics"]["gemv"]
+                    assert g["median_gb_s"] > 0 and g["of_bandwidth"] > 0 and len(g["runs_gb_s"]) == plan.repeats
+                continue
+            m = s["metrics"][op]
+            assert m["median_tok_s"] > 0 and len(m["runs_tok_s"]) == plan.repeats
+            if op.startswith("decode"):
+                bpt = BytesPerToken(**cfg["info"]["bytes_per_token"])
+                ctx = bench.decode_context(int(op.split("@")[1]), plan.tokens)
+                assert m["bytes_per_token"] == pytest.approx(bpt.at(ctx))
+                assert m["roofline_tok_s"] == pytest.approx(d["roofline_bandwidth_gb_s"] * 1e9 / bpt.at(ctx))
+                assert m["of_roofline"] == pytest.approx(m["median_tok_s"] / m["roofline_tok_s"])
+
+
+def test_bench_command_end_to_end_numpy(tmp_path, capsys):
+    from onebit.cli import main
+
+    out = tmp_path / "bench.json"
+    argv = ["bench", "tiny-random", "--backend", "numpy", "--threads", "1", "--ctx", "16,32", "--prefill", "8,16",
+            "--tokens", "4", "--repeats", "2", "--bandwidth-gib", str(SMALL_BUFFER / (1 << 30)), "--json", str(out),
+            "-q"]
+    assert main(argv) == 0
+    d = json.loads(out.read_text())
+    _check_report(d, 2, TINY_PLAN)
+    assert [c["spec"]["lm_head"] for c in d["configs"]] == ["f16", "int8"]
+    table = capsys.readouterr().out
+    lines = [line for line in table.splitlines() if line.startswith("| onebit numpy")]
+    assert len(lines) == 2 + 2  # main table + bytes-per-token table
+    header = next(line for line in table.splitlines() if line.startswith("| engine | threads"))
+    for col in ("decode@16 tok/s", "decode@32 tok/s", "of roofline", "prefill 8 tok/s", "prefill 16 tok/s",
+                "GEMV GB/s", "RSS peak / end"):
+        assert col in header
+    assert "vs " not in header and "nan" not in table
+    assert all(line.count("|") == header.count("|") for line in lines[:2])
+
+
+def test_bench_with_llama_cpp_alternating(tmp_path):
+    pytest.importorskip("llama_cpp")
+    gguf = str(tmp_path / "tiny-llama.gguf")
+    bench.write_llama_gguf("tiny-random", gguf)
+    plan = Plan(ctx=(16,), prefill=(8,), tokens=3, repeats=2)
+    report = bench.benchmark("tiny-random", backend="numpy", threads=(1,), lm_heads=("f16",), plan=plan,
+                             peer="llama.cpp", peer_model=gguf, bandwidth_bytes=SMALL_BUFFER, require_tq2=True)
+    d = json.loads(report.to_json())
+    _check_report(d, 2, plan)
+    assert [c["spec"]["engine"] for c in d["configs"]] == ["onebit", "llama.cpp"]
+    g = d["models"]["peer_gguf"]
+    assert g["linear_types"] == ["TQ2_0"] and g["token_embd_type"] == "F16" and g["output_type"] is None
+    ours, peer = d["summary"]
+    assert ours["metrics"]["decode@16"]["vs_peer"] > 0 and "vs_peer" not in peer["metrics"]["decode@16"]
+    assert "gemv" not in peer["metrics"]
+    # alternation: ours, peer, peer, ours (who goes first rotates), for prefill then decode; then ours' GEMV
+    runs = sorted(((r["seq"], c["spec"]["engine"], r["op"]) for c in d["configs"] for r in c["runs"]))
+    engines = [e for _, e, op in runs if op != "gemv"]
+    assert engines == ["onebit", "llama.cpp", "llama.cpp", "onebit"] * 2
+    assert [op for _, _, op in runs] == ["prefill"] * 4 + ["decode"] * 4 + ["gemv"] * 2
+    assert "| llama.cpp | 1 | f16 |" in report.markdown() and "vs llama.cpp" in report.markdown()
+
+
+def test_peer_gguf_check_rejects_other_types():
+    good = {"path": "x.gguf", "linear_types": ["TQ2_0"], "linears": 7, "token_embd_type": "F16", "output_type": None}
+    bench.check_tq2_gguf(good)
+    with pytest.raises(bench.BenchError):
+        bench.check_tq2_gguf({**good, "linear_types": ["TQ1_0"]})
+    with pytest.raises(bench.BenchError):
+        bench.check_tq2_gguf({**good, "token_embd_type": "Q8_0"})
+
+
+def test_synth_models_written_once(tmp_path):
+    first = bench.synth_models("tiny-random", str(tmp_path), gguf=True)
+    assert (tmp_path / "tiny-random" / "config.json").exists() and first["gguf"].endswith(".gguf")
+    assert bench.inspect_gguf(first["gguf"])["arch"] == "llama"
+    assert len(first["written"]) == 2
+    assert bench.synth_models("tiny-random", str(tmp_path), gguf=True)["written"] == []
