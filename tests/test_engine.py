@@ -252,6 +252,6 @@ def test_timed_backend_counts_every_op():
     model.backend.reset_timings()
     "".join(model.generate("hi", max_tokens=3, temperature=0))
     t = model.backend.timings()
-    assert t["ternary_matmul"]["calls"] == 3 * 2 * 7 and t["attention"]["seconds"] > 0
+    assert t["ternary_matmul"]["calls"] == 3 * 2 * 4 and t["attention"]["seconds"] > 0  # qkv, o, gate+up, down
     assert "".join(model.generate("hi", max_tokens=5, temperature=0)) == \
         "".join(onebit.load("tiny-random", "numpy").generate("hi", max_tokens=5, temperature=0))

@@ -64,3 +64,17 @@ def test_detect_rejects_non_ternary():
 def test_scale_grid_validation():
     with pytest.raises(ValueError):
         TernaryWeight.from_ternary(np.zeros((6, 8), np.int8), np.ones((4, 1), np.float32))
+
+
+def test_concat_rows_keeps_each_matrix_exact():
+    from onebit.weights.packing import concat_rows
+
+    rng = np.random.default_rng()
+    ws = [TernaryWeight.from_ternary(rng.integers(-1, 2, (o, 40)), np.float32(rng.uniform(0.1, 1)))
+          for o in (12, 4, 4)]
+    fused = concat_rows(ws)
+    assert np.array_equal(fused.dense(), np.concatenate([w.dense() for w in ws]))
+    same = [TernaryWeight.from_ternary(rng.integers(-1, 2, (8, 40)), s) for s in (0.5, 0.25)]
+    assert concat_rows(same).scales.shape == (2, 1)  # equal heights: one row block per matrix
+    odd = TernaryWeight.from_ternary(rng.integers(-1, 2, (8, 40)), np.ones((1, 2), np.float32))
+    assert concat_rows([ws[0], odd]) is None  # different column grids cannot share one matmul

@@ -60,5 +60,7 @@ class Backend(Protocol):
     def add(self, a: Any, b: Any) -> Any: ...
     def concat(self, xs: list[Any]) -> Any:
         """Stack [T_i, n] blocks into [sum T_i, n] (batched steps)."""
+    def split(self, x: Any, sizes: list[int]) -> list[Any]:
+        """[T, sum(sizes)] -> [T, size_i] blocks (the outputs of a fused q/k/v or gate/up matmul)."""
     def to_numpy(self, x: Any) -> np.ndarray:
         """float32 NumPy copy (logits leave the backend through here)."""

@@ -84,6 +84,12 @@ def quantize_rows_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
+def split_columns(x: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+    """[T, sum(sizes)] -> contiguous [T, size] blocks (the outputs of a fused matmul)."""
+    edges = np.cumsum(sizes)[:-1]
+    return [np.ascontiguousarray(p) for p in np.split(x, edges, axis=1)]
+
+
 class NumpyBackend:
     """Reference implementations of the Backend protocol (kernels/base.py).
 
@@ -172,6 +178,9 @@ class NumpyBackend:
 
     def concat(self, xs):
         return xs[0] if len(xs) == 1 else np.concatenate(xs, axis=0)
+
+    def split(self, x, sizes):
+        return split_columns(x, sizes)
 
     def to_numpy(self, x):
         return np.asarray(x, dtype=np.float32)

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import FormatError
-from ..weights.packing import TernaryWeight
+from ..weights.packing import TernaryWeight, concat_rows
 
 
 class TernaryLinear:
@@ -22,6 +22,22 @@ class TernaryLinear:
 
     def __call__(self, x):
         return self.backend.ternary_matmul(x, self.w, self.act_bits)
+
+
+class FusedTernaryLinear:
+    """Several ternary linears on one input (q/k/v, gate/up) as one matmul: the input is quantized once and
+    the weights are read in one pass. Each keeps its own scales, so outputs equal the separate linears'."""
+
+    def __init__(self, backend, ws: list[TernaryWeight], act_bits: int | None):
+        self.backend, self.sizes = backend, [w.out_features for w in ws]
+        fused = concat_rows(ws)
+        self.parts = [TernaryLinear(backend, w, act_bits) for w in ws] if fused is None else None
+        self.fused = TernaryLinear(backend, fused, act_bits) if fused is not None else None
+
+    def __call__(self, x) -> list:
+        if self.fused is None:
+            return [p(x) for p in self.parts]
+        return self.backend.split(self.fused(x), self.sizes)
 
 
 class RMSNorm:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..config import ModelConfig
-from .base import CausalLM, RMSNorm, TernaryLinear, WeightSource, causal_attention
+from .base import CausalLM, FusedTernaryLinear, RMSNorm, TernaryLinear, WeightSource, causal_attention
 
 
 class LlamaLayer:
@@ -14,23 +14,25 @@ class LlamaLayer:
         def lin(name, out, inp):
             return TernaryLinear(backend, w.ternary(p + name + ".weight", (out, inp)), bits)
 
+        def fused(names_shapes):
+            return FusedTernaryLinear(backend, [w.ternary(p + n + ".weight", s) for n, s in names_shapes], bits)
+
         self.input_layernorm = RMSNorm(backend, w.get(p + "input_layernorm.weight", (h,)), eps)
-        self.q_proj = lin("self_attn.q_proj", cfg.q_size, h)
-        self.k_proj = lin("self_attn.k_proj", cfg.kv_size, h)
-        self.v_proj = lin("self_attn.v_proj", cfg.kv_size, h)
+        self.qkv_proj = fused([("self_attn.q_proj", (cfg.q_size, h)), ("self_attn.k_proj", (cfg.kv_size, h)),
+                               ("self_attn.v_proj", (cfg.kv_size, h))])
         self.o_proj = lin("self_attn.o_proj", h, cfg.q_size)
         self.post_attention_layernorm = RMSNorm(backend, w.get(p + "post_attention_layernorm.weight", (h,)), eps)
-        self.gate_proj = lin("mlp.gate_proj", cfg.intermediate_size, h)
-        self.up_proj = lin("mlp.up_proj", cfg.intermediate_size, h)
+        self.gate_up_proj = fused([("mlp.gate_proj", (cfg.intermediate_size, h)),
+                                   ("mlp.up_proj", (cfg.intermediate_size, h))])
         self.down_proj = lin("mlp.down_proj", h, cfg.intermediate_size)
 
     def __call__(self, x, segments, i):
         b = self.backend
         h = self.input_layernorm(x)  # (T, hidden)
-        a = causal_attention(b, self.cfg, i, self.q_proj(h), self.k_proj(h), self.v_proj(h), segments)
+        a = causal_attention(b, self.cfg, i, *self.qkv_proj(h), segments)
         x = b.add(x, self.o_proj(a))
         h = self.post_attention_layernorm(x)
-        m = b.glu(self.gate_proj(h), self.up_proj(h), "silu")  # (T, intermediate)
+        m = b.glu(*self.gate_up_proj(h), "silu")  # (T, intermediate)
         return b.add(x, self.down_proj(m))
 
 

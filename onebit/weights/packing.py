@@ -172,3 +172,20 @@ def _block_grid(line_scale: np.ndarray, max_shards: int) -> np.ndarray | None:
         else:
             return np.array(scales, dtype=np.float32)
     return None
+
+
+def concat_rows(ws: list[TernaryWeight]) -> TernaryWeight | None:
+    """Stack matrices that share an input (q/k/v, gate/up) into one, so a step reads them in one pass and
+    quantizes their input once. Each keeps its own scales (as row blocks). None when the column grids differ."""
+    n, cols = ws[0].in_features, ws[0].scales.shape[1]
+    if any(w.in_features != n or w.scales.shape[1] != cols for w in ws):
+        return None
+    blocks = [np.repeat(w.scales, w.row_group, axis=0) for w in ws]  # per-row [out_i, C]
+    lengths = [w.out_features for w in ws]
+    uniform = all(np.all(b == b[0]) for b in blocks)
+    if uniform and len(set(lengths)) == 1:
+        grid = np.concatenate([b[:1] for b in blocks])  # one row block per matrix
+    else:
+        grid = np.concatenate(blocks)  # one row per output row
+    packed = np.concatenate([w.packed for w in ws])
+    return TernaryWeight(packed, grid, sum(lengths), n)

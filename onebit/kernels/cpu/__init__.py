@@ -305,5 +305,10 @@ class CpuBackend:
     def concat(self, xs):
         return xs[0] if len(xs) == 1 else np.concatenate(xs, axis=0)
 
+    def split(self, x, sizes):
+        from ..numpy_ref import split_columns
+
+        return split_columns(x, sizes)
+
     def to_numpy(self, x):
         return np.asarray(x, dtype=np.float32)
