@@ -74,10 +74,13 @@ class Sampler:
         if p.repetition_penalty != 1 and len(history):
             ids, _ = _counts(history, vocab)
             seen = x[ids]
-            x[ids] = np.where(seen < 0, seen * p.repetition_penalty, seen / p.repetition_penalty)
+            with np.errstate(over="ignore"):  # overflow is handled below
+                x[ids] = np.where(seen < 0, seen * p.repetition_penalty, seen / p.repetition_penalty)
         if (p.presence_penalty or p.frequency_penalty) and len(generated):
             ids, counts = _counts(generated, vocab)
             x[ids] -= p.presence_penalty + p.frequency_penalty * counts
+        # extreme (valid) penalties can overflow: +inf keeps its rank as the largest finite value
+        x = np.nan_to_num(x, nan=-np.inf, posinf=np.finfo(x.dtype).max, neginf=-np.inf)
         top = x.max()
         if not np.isfinite(top):
             raise ValueError(f"logits have no finite maximum ({top}); cannot pick a token")
@@ -91,7 +94,12 @@ class Sampler:
         if p.temperature == 0:
             i = np.argmax(x)
             return np.array([i]), np.asarray(x, dtype=np.float64)[[i]]
-        z = np.asarray(x, dtype=np.float64) / p.temperature
+        x = np.asarray(x, dtype=np.float64)
+        with np.errstate(over="ignore"):
+            z = x / p.temperature
+        if not np.isfinite(z.max()):  # a tiny temperature overflowed: shift first (softmax does not care)
+            with np.errstate(over="ignore"):
+                z = (x - x.max()) / p.temperature
         ids = np.arange(z.size)
         if 0 < p.top_k < z.size:
             keep = _top_k(z, p.top_k)

@@ -40,7 +40,7 @@ def test_bytes_per_token_from_the_model_tensors():
         assert b.ternary == 2 * (65536 * 2 + 32768 * 2 + 131072 * 3) // 4
         assert b.lm_head == head_bytes
         assert b.kv_per_position == 2 * 2 * 2 * 64 * 4  # layers x (K, V) x kv_heads x head_dim x float32
-        assert len(bench.ternary_linears(model.net)) == 14
+        assert len(bench.ternary_linears(model.net)) == 2 * 4  # q/k/v fused, o, gate/up fused, down
 
 
 def test_engine_cache_bookkeeping_matches_a_fresh_prefill():

@@ -17,15 +17,21 @@ def model():
     return onebit.load("tiny-random", backend="numpy")
 
 
-def test_cached_decode_equals_fresh_prefill(model):
+@pytest.mark.parametrize("act_bits,bar", [(None, 1e-4), (8, 3e-2)])
+def test_cached_decode_equals_fresh_prefill(act_bits, bar):
+    """16-bit activations: float rounding only. int8 activations: a rounding tie may flip when a different
+    number of rows changes BLAS's summation order (the core issue's BitNet bar)."""
+    model = onebit.load("tiny-random", backend="numpy", act_bits=act_bits)
     ids = np.random.default_rng().integers(0, 256, 20)
     full = model.logits(ids)
     cache = model.make_cache(32)
     parts = [model.net.forward(ids[:7], cache)] + [model.net.forward(ids[i:i + 1], cache) for i in range(7, 20)]
-    assert np.abs(np.concatenate(parts) - full).max() <= 1e-4 * np.abs(full).max()
+    got = np.concatenate(parts)
+    assert np.abs(got - full).max() <= bar * np.abs(full).max()
+    assert (got.argmax(1) == full.argmax(1)).mean() >= 0.95
     cache.trim(10)  # forget positions 10.. and recompute them
     again = model.net.forward(ids[10:20], cache)
-    assert np.abs(again - full[10:]).max() <= 1e-4 * np.abs(full).max()
+    assert np.abs(again - full[10:]).max() <= bar * np.abs(full).max()
 
 
 def test_batched_step_equals_separate_steps(model):

@@ -38,7 +38,7 @@ def test_absmean_matches_transformers_weightquant():
     w = np.random.default_rng().standard_normal((33, 70)).astype(np.float32)
     t, s = absmean_ternarize(w)
     ref = WeightQuant.forward(None, torch.from_numpy(w)).numpy()
-    assert np.array_equal(t.astype(np.float32) * s, ref) or np.abs(t * s - ref).max() < 1e-7
+    assert np.abs(t.astype(np.float32) * s - ref).max() <= 1e-6 * np.abs(ref).max()  # 1/(1/m) vs m: an ulp
 
 
 @pytest.mark.parametrize("axis,k", [(0, 1), (0, 3), (1, 2), (1, 6)])

@@ -269,3 +269,16 @@ def test_greedy_candidates_is_the_argmax():
     x = random_logits(100)
     ids, z = make_sampler(SamplingParams(temperature=0)).candidates(x)
     assert ids.tolist() == [int(np.argmax(x))] and z[0] == x.max()
+
+
+def test_extreme_valid_penalties_and_temperatures_still_pick_a_token():
+    """A tiny repetition penalty or temperature overflows float64 unless handled: never an error."""
+    rng = np.random.default_rng()
+    logits = rng.standard_normal(50).astype(np.float32) * 5
+    history = list(rng.integers(0, 50, 10))
+    for params in (SamplingParams(temperature=1e-300, seed=1), SamplingParams(repetition_penalty=1e-320, seed=1),
+                   SamplingParams(temperature=1e-300, repetition_penalty=1e-320, seed=1)):
+        token = make_sampler(params)(logits, history, [])
+        assert 0 <= token < 50
+    greedy = make_sampler(SamplingParams(temperature=1e-300, seed=3))(logits, [], [])
+    assert greedy == int(np.argmax(logits))  # a vanishing temperature is greedy
