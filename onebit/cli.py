@@ -14,6 +14,8 @@ COMMANDS = {
     "info": "describe a model: architecture, sizes, formats, bits per weight, tokenizer",
     "convert": "write any supported model as GGUF (tq2_0, tq1_0 or i2_s)",
     "synth": "write a random ternary model with real shapes (benchmarks, tests)",
+    "train": "train a ternary model (BitNet b1.58 QAT) on a text corpus and export it",
+    "ppl": "perplexity and bits per byte of a text file under a model",
     "bench": "measure decode/prefill speed and memory against the roofline (and llama.cpp)",
     "mcp": "MCP server on stdio (Claude Desktop, Cursor...) over a running `1bit serve`",
 }
