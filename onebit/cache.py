@@ -232,6 +232,15 @@ class SessionStore:
         del self._entries[entry.key]
         self.free(entry.cache)
 
+    def sessions(self) -> list[Entry]:
+        """The named (session-pinned) entries, in LRU order."""
+        return [e for e in list(self._entries.values()) if e.named]
+
+    def evict(self, key: str) -> None:
+        """Forget an idle entry now (its next use re-prefills). KeyError if unknown."""
+        self._drop(self._entries[key])
+        self.evictions += 1
+
     def expire(self) -> int:
         """Drop entries idle for longer than ``ttl``; how many."""
         cutoff = self._clock() - self.ttl

@@ -210,14 +210,8 @@ def token_text(tokenizer, token_id: int) -> tuple[str, bytes]:
     text = tokenizer.decode([token_id])
     if "\ufffd" not in text:
         return text, text.encode("utf-8")
-    raw = tokenizer.id_to_token(token_id) or ""
-    from .tokenizer import _BYTE_ORDER
-
-    if len(raw) == 6 and raw.startswith("<0x") and raw.endswith(">"):
-        data = bytes([int(raw[3:5], 16)])
-    elif raw and all(ch in _BYTE_ORDER for ch in raw):
-        data = bytes(_BYTE_ORDER[ch] for ch in raw)
-    else:
+    data = tokenizer.token_bytes(token_id)
+    if data is None:
         return text, text.encode("utf-8")
     try:
         return data.decode("utf-8"), data
@@ -684,7 +678,7 @@ class Engine:
 
     # -- sessions, for introspection (run on the worker through call()) ------------------------------------
     def _session_rows(self, token_ids: bool = False) -> list[dict]:
-        entries = [e for e in list(self.store._entries.values()) if e.named]
+        entries = self.store.sessions()
         self._turns = {e.key: self._turns.get(e.key, 0) for e in entries}
         now = time.monotonic()
         return [{"id": e.key, "tokens": len(e.tokens), "bytes": e.cache.nbytes(), "capacity": e.cache.max_len,
@@ -697,8 +691,7 @@ class Engine:
             raise KeyError(session_id)
         if rows[session_id]["busy"]:
             raise EngineError(f"session {session_id!r} is in use by a running request; evict it when it ends")
-        self.store._drop(self.store._entries[session_id])
-        self.store.evictions += 1
+        self.store.evict(session_id)
         self._turns.pop(session_id, None)
         return rows[session_id]
 

@@ -235,6 +235,16 @@ class Tokenizer:
         """The raw vocabulary entry (byte-level or `▁` form), or None for an unknown id."""
         return self.backend.id_to_token(int(token_id))
 
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The raw bytes of a byte-level BPE token or a SentencePiece ``<0xNN>`` byte token; None for others
+        (what logprobs report for a token that is only part of a UTF-8 character)."""
+        raw = self.id_to_token(token_id) or ""
+        if len(raw) == 6 and raw.startswith("<0x") and raw.endswith(">"):
+            return bytes([int(raw[3:5], 16)])
+        if raw and all(ch in _BYTE_ORDER for ch in raw):
+            return bytes(_BYTE_ORDER[ch] for ch in raw)
+        return None
+
     def token_to_str(self, token_id: int) -> str:
         """The text one token decodes to on its own (special tokens included)."""
         return self.decode([token_id])

@@ -540,3 +540,12 @@ def test_unbuildable_tokenizer_json(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"model": {"type": "Nope"}}')
     with pytest.raises(TokenizerError, match="cannot build"):
         Tokenizer.from_dir(tmp_path)
+
+
+def test_token_bytes_of_partial_characters():
+    from onebit.tokenizer import byte_level_tokenizer
+
+    tok = byte_level_tokenizer()
+    ids = tok.encode("é€", add_special_tokens=False)  # one byte token per UTF-8 byte
+    assert b"".join(tok.token_bytes(i) for i in ids) == "é€".encode()
+    assert tok.token_bytes(tok.bos_token_id) is None  # a special token has no raw bytes
