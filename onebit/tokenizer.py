@@ -239,6 +239,8 @@ class Tokenizer:
         """The raw bytes of a byte-level BPE token or a SentencePiece ``<0xNN>`` byte token; None for others
         (what logprobs report for a token that is only part of a UTF-8 character)."""
         raw = self.id_to_token(token_id) or ""
+        if token_id in self.special_token_ids:
+            return None
         if len(raw) == 6 and raw.startswith("<0x") and raw.endswith(">"):
             return bytes([int(raw[3:5], 16)])
         if raw and all(ch in _BYTE_ORDER for ch in raw):
