@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from .cache import common_prefix
 from .config import SamplingParams
 
 
@@ -25,7 +26,7 @@ class ChatSession:
 
         self.messages.append({"role": "user", "content": text})
         ids = self.model.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=True)
-        keep = _common_prefix(self.cached, ids)
+        keep = common_prefix(self.cached, ids)
         self.last_reused = keep  # prompt tokens whose K/V came from the cache
         self.cache.trim(keep)
         self.cached = self.cached[:keep]
@@ -40,11 +41,3 @@ class ChatSession:
             self.cached = (ids + generated)[: self.cache.length]
             self.messages.append({"role": "assistant", "content": "".join(reply)})
 
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
