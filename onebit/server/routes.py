@@ -259,22 +259,31 @@ class _Run:
         self.c.limiter.spend_tokens(self.key, usage.completion_tokens)
         return usage
 
+    async def _choice_events(self, events, usages: list):
+        """KEEPALIVE or (choice index, chunk) per engine event; usages are collected, tokens timed."""
+        async for ev in events:
+            if ev is KEEPALIVE:
+                yield ev
+                continue
+            i, item = ev
+            if isinstance(item, Usage):
+                usages.append(item)
+                continue
+            index = i * self.n + item.index
+            self.timer.token(index, len(item.token_ids))
+            yield index, item
+
     async def frames(self, events):
         sh = self.shaper
         try:
             for chunk in sh.start_chunks():
                 yield frame(chunk)
             usages = []
-            async for ev in events:
+            async for ev in self._choice_events(events, usages):
                 if ev is KEEPALIVE:
                     yield KEEPALIVE_FRAME
                     continue
-                i, item = ev
-                if isinstance(item, Usage):
-                    usages.append(item)
-                    continue
-                index = i * self.n + item.index
-                self.timer.token(index, len(item.token_ids))
+                index, item = ev
                 delta = sh.delta(index, item)
                 if delta is not None:
                     yield frame(delta)
@@ -294,15 +303,10 @@ class _Run:
         texts, lps, finish = [[] for _ in range(total)], [[] for _ in range(total)], [None] * total
         usages = []
         try:
-            async for ev in events:
+            async for ev in self._choice_events(events, usages):
                 if ev is KEEPALIVE:
                     continue
-                i, item = ev
-                if isinstance(item, Usage):
-                    usages.append(item)
-                    continue
-                index = i * self.n + item.index
-                self.timer.token(index, len(item.token_ids))
+                index, item = ev
                 texts[index].append(item.text)
                 lps[index] += item.logprobs or []
                 finish[index] = item.finish_reason or finish[index]
