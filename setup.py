@@ -54,5 +54,5 @@ cpu_ext.isa_sources = isa_sources()
 setup(
     ext_modules=[cpu_ext],
     cmdclass={"build_ext": BuildExt},
-    package_data={"onebit.kernels.cpu": ["src/*.c", "src/*.h"]},
+    package_data={"onebit.kernels.cpu": ["src/*.c", "src/*.h"], "onebit": ["data/*.gguf"]},
 )

@@ -29,6 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backend", default="cpu", help="our backend (default: cpu)")
     p.add_argument("--threads", default="1,2", help="thread counts (default: 1,2)")
     p.add_argument("--lm-head", default="f16,int8", help="our lm_head precisions (default: f16,int8)")
+    p.add_argument("--kv-dtype", choices=["auto", "f32", "f16"], default="auto",
+                   help="our KV cache precision (default: auto, f16 for these BitNet shapes)")
     p.add_argument("--ctx", default=None, help=f"decode contexts (default: {FULL['ctx']})")
     p.add_argument("--prefill", default=None, help=f"prefill lengths (default: {FULL['prefill']})")
     p.add_argument("--tokens", type=int, default=None, help=f"decode steps per run (default: {FULL['tokens']})")
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
     report = benchmark(None, backend=args.backend, threads=_ints(args.threads),
                        lm_heads=tuple(args.lm_head.split(",")), plan=plan, peer=None if args.no_peer else "llama.cpp",
                        bandwidth_bytes=int(args.bandwidth_gib * (1 << 30)), synth_dir=args.models, fresh=args.fresh,
-                       require_tq2=True, wait_idle=args.wait_idle, log=_log)
+                       require_tq2=True, wait_idle=args.wait_idle, log=_log, kv_dtype=args.kv_dtype)
     command = "python benchmarks/bench_cpu.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     json_path, md_path = write_results(report, args.out, command.strip())
     print(report.markdown())

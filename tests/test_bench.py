@@ -39,13 +39,15 @@ def test_bytes_per_token_from_the_model_tensors():
         # 2 layers x (q 256x256, k 128x256, v 128x256, o 256x256, gate/up 512x256, down 256x512)
         assert b.ternary == 2 * (65536 * 2 + 32768 * 2 + 131072 * 3) // 4
         assert b.lm_head == head_bytes
-        assert b.kv_per_position == 2 * 2 * 2 * 64 * 4  # layers x (K, V) x kv_heads x head_dim x float32
+        assert b.kv_per_position == 2 * 2 * 2 * 64 * 2  # layers x (K, V) x kv_heads x head_dim x float16 (auto)
         assert len(bench.ternary_linears(model.net)) == 2 * 4  # q/k/v fused, o, gate/up fused, down
+    model = onebit.load("tiny-random", backend="numpy", kv_dtype="f32", tokenizer=False)
+    assert bench.model_bytes_per_token(model.net, model.make_cache(100), "f16").kv_per_position == 2 * 2 * 2 * 64 * 4
 
 
 def test_engine_cache_bookkeeping_matches_a_fresh_prefill():
     """Decodes reuse the cache the previous operation left; it must equal a prefill of the same token ids."""
-    eng = bench.OnebitEngine("tiny-random", threads=1, max_len=TINY_PLAN.max_len, backend="numpy")
+    eng = bench.OnebitEngine("tiny-random", threads=1, max_len=TINY_PLAN.max_len, backend="numpy", kv_dtype="f32")
     ids = TINY_PLAN.token_ids(260)
     eng.set_ids(ids)
     eng.prefill(16)
@@ -53,7 +55,7 @@ def test_engine_cache_bookkeeping_matches_a_fresh_prefill():
     assert out["tokens"] == 4 and out["seconds"] > 0 and eng.cache.length == 36
     eng.decode(16, 4)  # trims back to 16
     assert eng.cache.length == 20
-    ref = bench.OnebitEngine("tiny-random", threads=1, max_len=TINY_PLAN.max_len, backend="numpy")
+    ref = bench.OnebitEngine("tiny-random", threads=1, max_len=TINY_PLAN.max_len, backend="numpy", kv_dtype="f32")
     ref.set_ids(ids)
     ref.prefill(20)
     np.testing.assert_allclose(eng.cache.k[:, :20], ref.cache.k[:, :20], rtol=1e-4, atol=1e-5)

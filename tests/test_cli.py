@@ -101,3 +101,4 @@ def test_info_on_gguf_and_lm_head_option(tmp_path, capsys):
     d = json.loads(capsys.readouterr().out)
     assert d["format"] == "gguf" and d["architecture"] == "bitnet" and d["vocab_size"] == 260
     assert main(["run", str(out), "-p", "Hi", "-n", "3", "-t", "0", "--lm-head", "int8", "--backend", "numpy"]) == 0
+    assert main(["run", str(out), "-p", "Hi", "-n", "3", "-t", "0", "--kv-dtype", "f32", "--backend", "numpy"]) == 0

@@ -45,6 +45,7 @@ TERNARY_CASES = [
     (1, 1, 1, (1, 1)), (1, 37, 1029, (1, 1)), (1, 6, 7, (2, 7)), (2, 5, 3, (5, 1)), (3, 130, 300, (1, 3)),
     (4, 64, 512, (4, 2)), (5, 9, 1000, (9, 4)), (7, 33, 768, (33, 3)), (1, 250, 2560, (1, 1)),
     (9, 71, 777, (71, 1)), (16, 128, 256, (1, 1)), (33, 19, 513, (1, 1)),
+    (100, 9, 6912, (1, 1)), (61, 13, 13824, (13, 2)),  # prefill: tokens in several passes over the codes
 ]
 
 
@@ -61,6 +62,69 @@ def test_ternary_int8_accumulators_and_outputs_are_exact(backend, case):
     want = np.stack([int_dot(xq[:, g * cg:(g + 1) * cg], t[:, g * cg:(g + 1) * cg]) for g in range(grid[1])])
     assert np.array_equal(acc, want)
     assert np.array_equal(y, REF.ternary_matmul(x, REF.prepare_ternary(w), 8))
+
+
+# (T, out, in, scale grid) for the fused calls: one token (GEMV) and several (GEMM); out a multiple of 8 (glu
+# fused), of 4 but not 8, and odd (glu falls back to the separate ops); column groups; in not a multiple of 256
+FUSED_CASES = [(1, 16, 300, (1, 1)), (1, 48, 1029, (2, 3)), (1, 12, 256, (1, 1)), (1, 10, 77, (5, 1)),
+               (3, 40, 513, (1, 1)), (5, 64, 768, (4, 3)), (7, 6, 100, (1, 2)), (17, 24, 256, (1, 1))]
+
+
+@pytest.mark.parametrize("act_bits", [8, None])
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "x".join(map(str, c[:3])) + f"-g{c[3][0]}x{c[3][1]}")
+def test_fused_norm_residual_glu_equal_the_separate_ops(backend, case, act_bits):
+    """ternary_matmul(norm=, residual=, glu=) in one call == rmsnorm, ternary_matmul, add / glu as separate
+    calls, bit for bit; and with int8 activations == the numpy reference's ops, bit for bit."""
+    r = rng()
+    T, out, inp, grid = case
+    t, w = ternary(r, out, inp, grid)
+    cw, rw = backend.prepare_ternary(w), REF.prepare_ternary(w)
+    x = (r.standard_normal((T, inp)) * r.uniform(0.1, 10)).astype(np.float32)
+    nw = (1 + 0.1 * r.standard_normal(inp)).astype(np.float32)
+    res = r.standard_normal((T, out)).astype(np.float32)
+    eps = 1e-5
+    h = backend.rmsnorm(x, nw, eps)
+    y = backend.ternary_matmul(h, cw, act_bits)
+    assert np.array_equal(backend.ternary_matmul(x, cw, act_bits, norm=(nw, eps)), y)
+    assert np.array_equal(backend.ternary_matmul(x, cw, act_bits, norm=(nw, eps), residual=res), backend.add(res, y))
+    assert np.array_equal(backend.ternary_matmul(h, cw, act_bits, residual=res), backend.add(res, y))
+    for act in ("relu2", "silu"):
+        gate, up = backend.split(y, [out // 2, out - out // 2]) if out % 2 == 0 else (None, None)
+        if gate is None:
+            continue
+        want = backend.glu(gate, up, act)
+        assert np.array_equal(backend.ternary_matmul(x, cw, act_bits, norm=(nw, eps), glu=act), want)
+        assert np.array_equal(backend.ternary_matmul(h, cw, act_bits, glu=act), want)
+    if act_bits:  # the int8 path is exact against the reference too, accumulators included
+        ref_y = REF.ternary_matmul(numpy_ref.rmsnorm(x, nw, eps), rw, 8)
+        assert np.array_equal(backend.ternary_matmul(x, cw, 8, norm=(nw, eps), residual=res), REF.add(res, ref_y))
+        if out % 8 == 0:
+            assert np.array_equal(backend.ternary_matmul(x, cw, 8, norm=(nw, eps), glu="relu2"),
+                                  REF.glu(ref_y[:, :out // 2], ref_y[:, out // 2:], "relu2"))
+        acc = np.zeros((grid[1], T, out), dtype=np.int32)
+        backend.ternary_matmul(x, cw, 8, acc, norm=(nw, eps))
+        xq, _ = act_quant(numpy_ref.rmsnorm(x, nw, eps))
+        cg = inp // grid[1]
+        assert np.array_equal(acc, np.stack([int_dot(xq[:, g * cg:(g + 1) * cg], t[:, g * cg:(g + 1) * cg])
+                                             for g in range(grid[1])]))
+
+
+def test_fused_ternary_rejects_bad_shapes(backend):
+    cw = backend.prepare_ternary(ternary(rng(), 16, 64, (1, 1))[1])
+    x = np.ones((2, 64), np.float32)
+    with pytest.raises(ValueError, match="residual"):
+        backend.ternary_matmul(x, cw, 8, residual=np.ones((2, 8), np.float32))
+    with pytest.raises(ValueError, match="rmsnorm"):
+        backend.ternary_matmul(x, cw, 8, norm=(np.ones(63, np.float32), 1e-5))
+    with pytest.raises(UnsupportedError):
+        backend.ternary_matmul(x, cw, 8, glu="gelu")
+
+
+def test_split_one_token_returns_the_blocks(backend):
+    x = rng().standard_normal((1, 10)).astype(np.float32)
+    parts = backend.split(x, [3, 5, 2])
+    assert [p.shape for p in parts] == [(1, 3), (1, 5), (1, 2)] and all(p.flags.c_contiguous for p in parts)
+    assert np.array_equal(np.concatenate(parts, axis=1), x)
 
 
 def test_ternary_int8_extreme_activations(backend):
@@ -225,6 +289,24 @@ def test_attention_f16_cache_is_close():
     assert cc.k.dtype == np.float16 and cc.nbytes() == nc.nbytes() // 2
     q = r.standard_normal((2, 4, 64)).astype(np.float32)
     assert np.allclose(b.attention(q, cc, 0, 298), REF.attention(q, nc, 0, 298), rtol=0, atol=5e-3)
+
+
+@pytest.mark.parametrize("T,start,hq,hkv,d", [(1, 0, 1, 1, 8), (1, 1000, 20, 5, 128), (3, 500, 8, 2, 32),
+                                              (37, 0, 4, 2, 64), (5, 3000, 4, 1, 100)])
+def test_attention_f16_cache_matches_the_f16_reference(backend, T, start, hq, hkv, d):
+    """Both backends hold the same float16 K/V (round to nearest even): they agree as closely as with f32."""
+    fb, ref16 = cpu.CpuBackend(isa=backend.isa, threads=2, kv_dtype="f16"), NumpyBackend(kv_dtype="f16")
+    r = rng()
+    n, max_len = start + T, start + T + 3
+    nc, cc = ref16.make_cache(1, hkv, d, max_len), fb.make_cache(1, hkv, d, max_len)
+    k, v = r.standard_normal((n, hkv, d)).astype(np.float32), r.standard_normal((n, hkv, d)).astype(np.float32)
+    ref16.kv_append(nc, 0, k, v, 0)
+    fb.kv_append(cc, 0, k, v, 0)
+    assert nc.k.dtype == cc.k.dtype == np.float16 and nc.nbytes() == cc.nbytes()
+    assert np.array_equal(nc.k[0, :n], k.astype(np.float16))
+    assert np.array_equal(cc.k[0].transpose(1, 0, 2)[:n], nc.k[0, :n])
+    q = (r.standard_normal((T, hq, d)) * 2).astype(np.float32)
+    assert np.allclose(fb.attention(q, cc, 0, start), ref16.attention(q, nc, 0, start), rtol=1e-5, atol=1e-5)
 
 
 def test_cache_protocol(backend):

@@ -433,7 +433,7 @@ def test_serve_help_documents_every_option(capsys):
     out = capsys.readouterr().out
     for opt in ("--host", "--port", "--backend", "--threads", "--ctx", "--api-key", "--api-key-file", "--kv-budget",
                 "--max-sessions", "--session-ttl", "--max-queue", "--rate-limit-rpm", "--rate-limit-tpm",
-                "--cors-origin", "--max-body-bytes", "--lm-head", "127.0.0.1", "8180"):
+                "--cors-origin", "--max-body-bytes", "--lm-head", "--kv-dtype", "127.0.0.1", "8180"):
         assert opt in out, opt
 
 

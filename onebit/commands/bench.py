@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .common import add_kv_dtype_argument
+
 EPILOG = """\
 Without MODEL, the BitNet b1.58 2B-4T shapes (random ternary weights, fixed seed) are written once to
 ~/.cache/onebit/synth/ and measured. Every configuration runs in its own process (peak RSS is per
@@ -47,6 +49,7 @@ def add_arguments(p) -> None:
                    help="our backend (default: auto)")
     p.add_argument("--threads", type=_ints, default=None, help="thread counts, e.g. 1,2 (default: 1 and all cores)")
     p.add_argument("--lm-head", type=_heads, default=("f16", "int8"), help="lm_head precisions (default: f16,int8)")
+    add_kv_dtype_argument(p)
     p.add_argument("--ctx", type=_ints, default=(64, 1024), help="decode contexts (default: 64,1024)")
     p.add_argument("--prefill", type=_ints, default=(128, 512), help="prefill lengths (default: 128,512)")
     p.add_argument("--tokens", type=int, default=32, help="decode steps timed per run (default: 32)")
@@ -74,7 +77,7 @@ def main(args) -> int:
     log = None if args.quiet else (lambda s: print(f"bench: {s}", file=sys.stderr, flush=True))
     report = benchmark(args.model, backend=args.backend, threads=args.threads, lm_heads=args.lm_head, plan=plan,
                        peer=args.peer, peer_model=args.peer_model, bandwidth_bytes=int(args.bandwidth_gib * (1 << 30)),
-                       fresh=args.fresh, wait_idle=args.wait_idle, log=log)
+                       fresh=args.fresh, wait_idle=args.wait_idle, log=log, kv_dtype=args.kv_dtype)
     if args.json_out:
         with open(args.json_out, "w") as f:
             f.write(report.to_json())

@@ -6,6 +6,8 @@ import json
 import os
 import sys
 
+from .common import add_kv_dtype_argument
+
 
 def add_arguments(p) -> None:
     p.add_argument("model", help="HF folder, .gguf file or built-in name")
@@ -16,6 +18,7 @@ def add_arguments(p) -> None:
                    help="engine backend; torch runs a float HF folder (e.g. a full-precision twin) in PyTorch")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--batch", type=int, default=4, help="windows per forward step")
+    add_kv_dtype_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -51,7 +54,7 @@ def _engine_ppl(args, text: str, progress):
     import onebit
     from ..eval.ppl import text_perplexity
 
-    model = onebit.load(args.model, backend=args.backend, threads=args.threads)
+    model = onebit.load(args.model, backend=args.backend, threads=args.threads, kv_dtype=args.kv_dtype)
     return text_perplexity(model, text, args.ctx, args.stride, args.batch, progress), model.backend.name
 
 

@@ -149,7 +149,7 @@ def _loader(args):
         t0 = time.perf_counter()
         act = {"auto": "auto", "8": 8, "16": None}[args.act_bits]
         model = load_timed(args.model, args.backend, threads=args.threads, lm_head=args.lm_head,
-                           ternarize=args.ternarize, act_bits=act)
+                           ternarize=args.ternarize, act_bits=act, kv_dtype=args.kv_dtype)
         print(f"1bit serve: ready ({model.backend.name} backend, loaded in {time.perf_counter() - t0:.1f} s)",
               file=sys.stderr)
         return model

@@ -354,11 +354,13 @@ class OnebitEngine:
 
     name = "onebit"
 
-    def __init__(self, path: str, threads: int, max_len: int, lm_head: str = "f16", backend: str = "auto"):
+    def __init__(self, path: str, threads: int, max_len: int, lm_head: str = "f16", backend: str = "auto",
+                 kv_dtype: str = "auto"):
         import onebit
 
         t0 = time.perf_counter()
-        self.model = onebit.load(path, backend=backend, threads=threads, lm_head=lm_head, tokenizer=False)
+        self.model = onebit.load(path, backend=backend, threads=threads, lm_head=lm_head, tokenizer=False,
+                                 kv_dtype=kv_dtype)
         self.load_seconds = time.perf_counter() - t0
         self.net, self.lm_head = self.model.net, lm_head
         self.cache = self.net.make_cache(max_len)
@@ -575,6 +577,7 @@ class EngineSpec:
     threads: int
     lm_head: str = "f16"
     backend: str = "auto"
+    kv_dtype: str = "auto"
 
     @property
     def label(self) -> str:
@@ -582,7 +585,8 @@ class EngineSpec:
 
     def load_args(self, max_len: int) -> dict:
         args = {"engine": self.engine, "path": self.path, "threads": self.threads, "max_len": max_len}
-        return args | ({"lm_head": self.lm_head, "backend": self.backend} if self.engine == "onebit" else {})
+        ours = {"lm_head": self.lm_head, "backend": self.backend, "kv_dtype": self.kv_dtype}
+        return args | (ours if self.engine == "onebit" else {})
 
 
 @dataclass
@@ -957,9 +961,10 @@ def benchmark(model: str | None = None, *, backend: str = "auto", threads: tuple
               lm_heads: tuple[str, ...] = ("f16", "int8"), plan: Plan | None = None, peer: str | None = None,
               peer_model: str | None = None, bandwidth_bytes: int = 1 << 30, synth: str = "bitnet-2b4t",
               synth_dir: str | None = None, fresh: bool = False, require_tq2: bool = False, wait_idle: float = 0.0,
-              log: Callable[[str], None] | None = None) -> Report:
+              log: Callable[[str], None] | None = None, kv_dtype: str = "auto") -> Report:
     """Measure ``model`` (default: the synthetic ``synth`` shapes, written once to the cache) at each thread
-    count and lm_head, with ``peer`` ("llama.cpp" on ``peer_model``, a GGUF) alternating in the same run."""
+    count and lm_head, with ``peer`` ("llama.cpp" on ``peer_model``, a GGUF) alternating in the same run.
+    ``kv_dtype``: our KV cache precision (``onebit.load``'s option)."""
     log, plan = log or (lambda s: None), plan or Plan()
     threads = tuple(threads or default_threads())
     t0, started = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -973,7 +978,7 @@ def benchmark(model: str | None = None, *, backend: str = "auto", threads: tuple
     conditions = wait_for_quiet(wait_idle, log=log)
     cores = machine_info()["usable_cores"] or 1
     bandwidth = _bandwidths(sorted({*threads, cores}), bandwidth_bytes, "start", log)
-    specs = _specs(models, backend, threads, lm_heads, peer)
+    specs = _specs(models, backend, threads, lm_heads, peer, kv_dtype)
     configs = []
     for t in threads:
         configs += run_group([s for s in specs if s.threads == t], plan, log)
@@ -1006,11 +1011,11 @@ def _resolve_models(model, peer, peer_model, synth, synth_dir, fresh, seed, log)
     return {"name": None, "model": model, "peer_model": peer_model, "written": []}
 
 
-def _specs(models: dict, backend: str, threads, lm_heads, peer) -> list[EngineSpec]:
+def _specs(models: dict, backend: str, threads, lm_heads, peer, kv_dtype: str = "auto") -> list[EngineSpec]:
     """Per thread count: ours with each lm_head, the peer placed between them (ours, peer, ours)."""
     specs = []
     for t in threads:
-        ours = [EngineSpec("onebit", models["model"], t, h, backend) for h in lm_heads]
+        ours = [EngineSpec("onebit", models["model"], t, h, backend, kv_dtype) for h in lm_heads]
         theirs = [EngineSpec(peer, models["peer_model"], t)] if peer else []
         specs += ours[:1] + theirs + ours[1:]
     return specs

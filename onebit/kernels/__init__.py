@@ -42,6 +42,18 @@ def get_backend(name: str = "auto", **options):
     return cls(**options)
 
 
+def backend_options(name: str = "auto") -> frozenset[str]:
+    """The keyword options the backend ``name`` ("auto": the one ``get_backend`` would pick) accepts, or an
+    empty set when it cannot be imported (``get_backend`` then raises its own clear error)."""
+    import inspect
+
+    try:
+        cls = _load_class(available_backends()[0] if name == "auto" else name)
+    except (ImportError, KeyError, IndexError, UnsupportedError):
+        return frozenset()
+    return frozenset(inspect.signature(cls).parameters)
+
+
 def _load_class(name: str):
     module, cls = _REGISTRY[name]
     return getattr(importlib.import_module(module), cls)

@@ -45,7 +45,11 @@ class Backend(Protocol):
         """[T, n] -> [T, n]: x * rsqrt(mean(x^2) + eps) * weight, in float32."""
     def ternary_matmul(self, x: Any, w: Any, act_bits: int | None) -> Any:
         """[T, in] -> [T, out] = x @ W.T. With act_bits=8, x is first quantized per token
-        (``act_quant``), the dot products are integer-exact, and one float rescale follows."""
+        (``act_quant``), the dot products are integer-exact, and one float rescale follows.
+
+        Optional: a backend with ``fused_ternary = True`` also takes keywords ``norm=(weight, eps)`` (x is
+        RMSNormed first), ``residual`` ([T, out], added to the result) and ``glu`` ("relu2" / "silu": the
+        result's halves gate, up -> act(gate) * up, [T, out/2]), each exactly equal to the separate ops."""
     def dense_matmul(self, x: Any, w: Any) -> Any:
         """[T, in] @ W.T for a float matrix (lm_head) -> float32 [T, out]."""
     def rope(self, x: Any, positions: np.ndarray, theta: float) -> Any:

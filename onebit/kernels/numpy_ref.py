@@ -62,10 +62,10 @@ class NumpyTernary:
 
 
 class NumpyKVCache:
-    """float32 keys/values [layers, max_len, Hkv, D]."""
+    """Keys/values [layers, max_len, Hkv, D], float32 or float16 (``dtype``)."""
 
-    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int):
-        self.k = np.zeros((n_layers, max_len, n_kv_heads, head_dim), dtype=np.float32)
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int, dtype=np.float32):
+        self.k = np.zeros((n_layers, max_len, n_kv_heads, head_dim), dtype=dtype)
         self.v = np.zeros_like(self.k)
         self.length = 0
         self.max_len = max_len
@@ -94,15 +94,19 @@ class NumpyBackend:
     """Reference implementations of the Backend protocol (kernels/base.py).
 
     ``lm_head="int8"`` multiplies the output matrix as per-row int8 (absmax) against per-token int8
-    activations: half the bytes of a 16-bit head, at a small cost in logit accuracy.
+    activations: half the bytes of a 16-bit head, at a small cost in logit accuracy. ``kv_dtype="f16"``
+    stores keys and values as float16 (round to nearest even, as the cpu backend does) and attends in float32
+    over those values: the specification of a 16-bit KV cache.
     """
 
     name = "numpy"
 
-    def __init__(self, lm_head: str = "f16", threads: int | None = None):
+    def __init__(self, lm_head: str = "f16", threads: int | None = None, kv_dtype: str = "f32"):
         if lm_head not in ("f16", "int8"):
             raise ValueError(f"lm_head must be 'f16' or 'int8', got {lm_head!r}")
-        self.lm_head = lm_head
+        if kv_dtype not in ("f32", "f16"):
+            raise ValueError(f"kv_dtype must be 'f32' or 'f16', got {kv_dtype!r}")
+        self.lm_head, self.kv_dtype = lm_head, kv_dtype
         self._int8_heads: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def prepare_ternary(self, w: TernaryWeight) -> NumpyTernary:
@@ -112,7 +116,8 @@ class NumpyBackend:
         return np.ascontiguousarray(w, dtype=np.float32)
 
     def make_cache(self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int) -> NumpyKVCache:
-        return NumpyKVCache(n_layers, n_kv_heads, head_dim, max_len)
+        return NumpyKVCache(n_layers, n_kv_heads, head_dim, max_len,
+                            np.float16 if self.kv_dtype == "f16" else np.float32)
 
     def embed(self, table: np.ndarray, ids: np.ndarray) -> np.ndarray:
         return table[np.asarray(ids, dtype=np.int64)]
@@ -157,7 +162,8 @@ class NumpyBackend:
     def attention(self, q: np.ndarray, cache: NumpyKVCache, layer: int, start: int) -> np.ndarray:
         t, hq, d = q.shape
         n = start + t
-        k, v = cache.k[layer, :n], cache.v[layer, :n]  # (n, Hkv, D)
+        k = cache.k[layer, :n].astype(np.float32, copy=False)  # (n, Hkv, D); exact from float16
+        v = cache.v[layer, :n].astype(np.float32, copy=False)
         group = hq // k.shape[1]
         k = np.repeat(k, group, axis=1).transpose(1, 2, 0)  # (Hq, D, n)
         v = np.repeat(v, group, axis=1).transpose(1, 0, 2)  # (Hq, n, D)

@@ -65,9 +65,9 @@ class TimedBackend:
 
 
 def load_timed(path: str, backend: str = "auto", *, threads: int | None = None, lm_head: str = "f16",
-               ternarize: bool = False, act_bits: int | None | str = "auto"):
+               ternarize: bool = False, act_bits: int | None | str = "auto", kv_dtype: str = "auto"):
     """``onebit.load`` with the backend wrapped in a TimedBackend (the server's per-kernel metrics)."""
-    from ..loader import read_checkpoint
+    from ..loader import kv_dtype_option, read_checkpoint
     from ..model import Model
     from ..models import build_model
     from . import get_backend
@@ -80,6 +80,7 @@ def load_timed(path: str, backend: str = "auto", *, threads: int | None = None, 
     options: dict[str, Any] = {"threads": threads} if threads else {}
     if lm_head != "f16":
         options["lm_head"] = lm_head
+    options.update(kv_dtype_option(backend, kv_dtype, cfg))
     be = TimedBackend(get_backend(backend, **options))
     net = build_model(cfg, weights, be, origin=path)
     return Model(cfg, net, tok, be, info)

@@ -13,15 +13,27 @@ from ..weights.packing import TernaryWeight, concat_rows
 
 
 class TernaryLinear:
-    """y = x @ W.T for a ternary W, through ``backend.ternary_matmul`` (act_bits=8: int8 activations)."""
+    """y = x @ W.T for a ternary W, through ``backend.ternary_matmul`` (act_bits=8: int8 activations).
+
+    ``norm`` (an RMSNorm applied to x first), ``residual`` (added to y) and ``glu`` (act(gate) * up of y's
+    halves) go to ``backend.ternary_matmul`` in the same call when the backend says ``fused_ternary``;
+    otherwise they are the separate backend ops."""
 
     def __init__(self, backend, w: TernaryWeight, act_bits: int | None):
         self.backend, self.act_bits = backend, act_bits
         self.in_features, self.out_features = w.in_features, w.out_features
         self.w = backend.prepare_ternary(w)
 
-    def __call__(self, x):
-        return self.backend.ternary_matmul(x, self.w, self.act_bits)
+    def __call__(self, x, norm: RMSNorm | None = None, residual=None, glu: str | None = None):
+        b = self.backend
+        if (norm is not None or residual is not None or glu is not None) and getattr(b, "fused_ternary", False):
+            return b.ternary_matmul(x, self.w, self.act_bits, norm=None if norm is None else (norm.weight, norm.eps),
+                                    residual=residual, glu=glu)
+        y = b.ternary_matmul(x if norm is None else norm(x), self.w, self.act_bits)
+        if glu is not None:
+            h = self.out_features // 2
+            y = b.glu(*b.split(y, [h, h]), glu)
+        return y if residual is None else b.add(residual, y)
 
 
 class FusedTernaryLinear:
@@ -34,10 +46,17 @@ class FusedTernaryLinear:
         self.parts = [TernaryLinear(backend, w, act_bits) for w in ws] if fused is None else None
         self.fused = TernaryLinear(backend, fused, act_bits) if fused is not None else None
 
-    def __call__(self, x) -> list:
+    def __call__(self, x, norm: RMSNorm | None = None) -> list:
         if self.fused is None:
-            return [p(x) for p in self.parts]
-        return self.backend.split(self.fused(x), self.sizes)
+            h = x if norm is None else norm(x)
+            return [p(h) for p in self.parts]
+        return self.backend.split(self.fused(x, norm=norm), self.sizes)
+
+    def glu(self, x, act: str, norm: RMSNorm | None = None):
+        """act(gate) * up for a gate/up pair: one backend call when the backend fuses it."""
+        if self.fused is None or len(self.sizes) != 2 or self.sizes[0] != self.sizes[1]:
+            return self.backend.glu(*self(x, norm=norm), act)
+        return self.fused(x, norm=norm, glu=act)
 
 
 class RMSNorm:
@@ -142,6 +161,13 @@ class CausalLM:
                 raise ValueError(f"context full: {cache.length} + {ids.size} tokens > {cache.max_len}")
             segments.append(Segment(cache, cache.length, ids.size))
             id_blocks.append(ids)
+        decode = getattr(b, "decode_batch", None)  # a backend's fused one-token-per-sequence step (cuda)
+        if decode is not None and all(s.n == 1 for s in segments):
+            logits = decode(self, np.concatenate(id_blocks), segments)
+            if logits is not None:
+                for s in segments:
+                    s.cache.length = s.start + 1
+                return [logits[j:j + 1] for j in range(len(segments))]
         x = b.embed(self.embed, np.concatenate(id_blocks))
         for i, layer in enumerate(self.layers):
             x = layer(x, segments, i)

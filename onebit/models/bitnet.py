@@ -32,13 +32,11 @@ class BitNetLayer:
         self.down_proj = lin("mlp.down_proj", h, cfg.intermediate_size)
 
     def __call__(self, x, segments, i):
-        b = self.backend
-        h = self.input_layernorm(x)  # (T, hidden)
-        a = causal_attention(b, self.cfg, i, *self.qkv_proj(h), segments)
-        x = b.add(x, self.o_proj(self.attn_sub_norm(a)))
-        h = self.post_attention_layernorm(x)
-        m = b.glu(*self.gate_up_proj(h), "relu2")  # (T, intermediate)
-        return b.add(x, self.down_proj(self.ffn_sub_norm(m)))
+        # each line is one backend call where the backend fuses norm -> linear -> residual / glu
+        a = causal_attention(self.backend, self.cfg, i, *self.qkv_proj(x, norm=self.input_layernorm), segments)
+        x = self.o_proj(a, norm=self.attn_sub_norm, residual=x)  # x + o_proj(attn_sub_norm(a))
+        m = self.gate_up_proj.glu(x, "relu2", norm=self.post_attention_layernorm)  # (T, intermediate)
+        return self.down_proj(m, norm=self.ffn_sub_norm, residual=x)
 
 
 class BitNetModel(CausalLM):

@@ -27,13 +27,11 @@ class LlamaLayer:
         self.down_proj = lin("mlp.down_proj", h, cfg.intermediate_size)
 
     def __call__(self, x, segments, i):
-        b = self.backend
-        h = self.input_layernorm(x)  # (T, hidden)
-        a = causal_attention(b, self.cfg, i, *self.qkv_proj(h), segments)
-        x = b.add(x, self.o_proj(a))
-        h = self.post_attention_layernorm(x)
-        m = b.glu(*self.gate_up_proj(h), "silu")  # (T, intermediate)
-        return b.add(x, self.down_proj(m))
+        # each line is one backend call where the backend fuses norm -> linear -> residual / glu
+        a = causal_attention(self.backend, self.cfg, i, *self.qkv_proj(x, norm=self.input_layernorm), segments)
+        x = self.o_proj(a, residual=x)  # x + o_proj(a)
+        m = self.gate_up_proj.glu(x, "silu", norm=self.post_attention_layernorm)  # (T, intermediate)
+        return self.down_proj(m, residual=x)
 
 
 class LlamaModel(CausalLM):

@@ -129,11 +129,13 @@ class CpuBackend:
     """The Backend protocol (kernels/base.py) on C kernels. ``threads``: worker count (default: all cores
     this process may use). ``lm_head``: "auto" (16-bit when exact, else f32) or "int8" (per-row absmax).
     ``kv_dtype``: "f32" (default) or "f16": halves KV memory and attention reads, but rounds K and V to
-    ~5e-4 relative; on the small random test models that moves the logits by up to 2.5e-2 x max|logit|
-    with int8 activations (bar 3e-2) and 5e-4 with 16-bit ones (bar 1e-4), so it is opt-in only.
+    ~5e-4 relative (``onebit.load``'s "auto" picks f16 for int8-activation models only: see
+    ``loader.resolve_kv_dtype`` for the measured logit changes). Against the numpy backend with the same
+    ``kv_dtype`` the results agree as closely as with f32.
     ``isa``: force an instruction set (else ``ONEBIT_CPU_ISA``, else the best available)."""
 
     name = "cpu"
+    fused_ternary = True  # ternary_matmul takes norm= / residual= / glu= (kernels/base.py)
 
     @classmethod
     def is_available(cls) -> bool:
@@ -160,7 +162,8 @@ class CpuBackend:
         self._rope: dict[tuple[int, float], tuple[np.ndarray, np.ndarray]] = {}
 
     def __repr__(self) -> str:
-        return f"CpuBackend(isa={self.isa!r}, threads={self.threads}, lm_head={self.lm_head!r})"
+        return (f"CpuBackend(isa={self.isa!r}, threads={self.threads}, lm_head={self.lm_head!r}, "
+                f"kv_dtype={self.kv_dtype!r})")
 
     # -- load time ---------------------------------------------------------------------------------
     def prepare_ternary(self, w: TernaryWeight) -> CpuTernary:
@@ -211,17 +214,38 @@ class CpuBackend:
         _ext.act_quant(self._ctx, x, t, n, q, s)
         return q, s
 
-    def ternary_matmul(self, x, w: CpuTernary, act_bits: int | None, acc: np.ndarray | None = None):
-        """x [T, in] -> [T, out]. ``acc`` (tests): int32 [C, T, out] receives the exact per-group sums."""
+    def ternary_matmul(self, x, w: CpuTernary, act_bits: int | None, acc: np.ndarray | None = None, *,
+                       norm=None, residual=None, glu: str | None = None):
+        """x [T, in] -> [T, out]. ``acc`` (tests): int32 [C, T, out] receives the exact per-group sums.
+
+        Fused in the same C call (``fused_ternary``: one hand-off to the thread pool instead of up to four):
+        ``norm=(weight, eps)`` RMSNorms x first; ``residual`` [T, out] is added to the product; ``glu``
+        ("relu2" or "silu") turns the product's halves (gate, up) into glu(gate, up) [T, out/2]. The outputs
+        equal the separate ``rmsnorm`` / ``ternary_matmul`` / ``add`` / ``glu`` calls' exactly."""
         x = _f32(x)
         t = x.shape[0]
         if x.ndim != 2 or x.shape[1] != w.in_features:
             raise ValueError(f"ternary_matmul: x has shape {x.shape}, weight is {w.out_features}x{w.in_features}")
-        y = np.empty((t, w.out_features), dtype=np.float32)
         if act_bits not in (None, 8):
             raise UnsupportedError(f"act_bits={act_bits} (supported: 8 or None)")
+        nw, eps = (None, 0.0) if norm is None else (_f32(norm[0]), float(norm[1]))
+        if nw is not None and nw.shape != (w.in_features,):
+            raise ValueError(f"rmsnorm: weight {nw.shape} for rows of {w.in_features}")
+        n, mode = w.out_features, 0
+        if glu is not None:
+            if glu not in ("relu2", "silu"):
+                raise UnsupportedError(f"unsupported activation {glu!r}")
+            if n % 8 or residual is not None or acc is not None:  # gate/up tiles must pair up: not fusable
+                y = self.ternary_matmul(x, w, act_bits, acc, norm=norm, residual=residual)
+                return self.glu(y[:, :n // 2], y[:, n // 2:], glu)
+            n, mode = n // 2, 1 if glu == "relu2" else 2
+        if residual is not None:
+            residual = _f32(residual)
+            if residual.shape != (t, n):
+                raise ValueError(f"residual {residual.shape} for an output of {(t, n)}")
+        y = np.empty((t, n), dtype=np.float32)
         _ext.ternary(self._ctx, x, t, w.data, w.out_features, w.in_features, w.col_groups, w.row_scales, y,
-                     1 if act_bits else 0, acc)
+                     1 if act_bits else 0, acc, nw, eps, residual, mode)
         return y
 
     def dense_matmul(self, x, w: CpuDense) -> np.ndarray:
@@ -306,6 +330,10 @@ class CpuBackend:
         return xs[0] if len(xs) == 1 else np.concatenate(xs, axis=0)
 
     def split(self, x, sizes):
+        x = _f32(x)
+        if x.shape[0] == 1:  # one token: column blocks of a row are contiguous already, no copies
+            edges = np.cumsum([0, *sizes]).tolist()
+            return [x[:, a:b] for a, b in zip(edges[:-1], edges[1:])]
         from ..numpy_ref import split_columns
 
         return split_columns(x, sizes)

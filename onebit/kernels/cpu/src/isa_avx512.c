@@ -36,6 +36,7 @@ static void prim_tern_dot4(const uint8_t *w, const int8_t *x, int nblk, int32_t 
     for (int b = 0; b < nblk; b++) {
         const int8_t *xb = x + (size_t)b * 256;
         const uint8_t *wb = w + (size_t)b * 256;
+        OB_PREFETCH_BLOCK(wb);
         __m512i x0 = _mm512_loadu_si512(xb), x1 = _mm512_loadu_si512(xb + 64);
         __m512i x2 = _mm512_loadu_si512(xb + 128), x3 = _mm512_loadu_si512(xb + 192);
         for (int r = 0; r < 4; r++) {
@@ -55,6 +56,7 @@ static void prim_tern_dot4(const uint8_t *w, const int8_t *x, int nblk, int32_t 
         for (int b = b0; b < b1; b++) { /* per block and lane: 4 pair sums, |.| <= 2048; 4 blocks <= 8192 */
             const int8_t *xb = x + (size_t)b * 256;
             const uint8_t *wb = w + (size_t)b * 256;
+            OB_PREFETCH_BLOCK(wb);
             __m512i x0 = _mm512_loadu_si512(xb), x1 = _mm512_loadu_si512(xb + 64);
             __m512i x2 = _mm512_loadu_si512(xb + 128), x3 = _mm512_loadu_si512(xb + 192);
             for (int r = 0; r < 4; r++) {

@@ -258,53 +258,115 @@ typedef struct {
     int32_t *acc;
     uint8_t *scr;
     size_t scr_per_thread;
+    const float *res; /* epilogue: y = res + x W^T (the residual add), or NULL */
+    int glu;          /* epilogue: 0, or OB_GLU_RELU2 / OB_GLU_SILU: y [T, N/2] = act(gate) * up */
 } tern_job;
 
 static inline const uint8_t *tile_ptr(const ob_tern *w, int tile, int blk) {
     return w->data + ((size_t)tile * (w->Kp / OB_BLK) + blk) * 4 * OB_BLKB;
 }
 
+/* act(g) * u for n values, exactly as the glu kernel computes them (elementwise, same operations). */
+static inline void glu_vals(const float *restrict g, const float *restrict u, int n, int silu, float *restrict y) {
+    if (!silu) {
+        for (int i = 0; i < n; i++) {
+            float a = g[i] <= 0.0f ? 0.0f : g[i]; /* np.maximum(g, 0), NaN propagates */
+            y[i] = (a * a) * u[i];
+        }
+        return;
+    }
+    float e[4];
+    for (int i = 0; i < n; i++) e[i] = -g[i];
+    prim_exp(e, n);
+    for (int i = 0; i < n; i++) y[i] = g[i] / (1.0f + e[i]) * u[i];
+}
+
+/* GEMV epilogue for one tile of 4 outputs (yv) or, with glu, of 4 gate (yv) and 4 up (uv) outputs. */
+static inline void gemv_store(const tern_job *j, int tile, const float yv[4], const float uv[4]) {
+    int o0 = tile * 4;
+    if (j->glu) { /* N/2 is a multiple of 4: whole tiles */
+        glu_vals(yv, uv, 4, j->glu == OB_GLU_SILU, j->y + o0);
+        return;
+    }
+    for (int r = 0; r < 4 && o0 + r < j->w->N; r++) j->y[o0 + r] = j->res ? j->res[o0 + r] + yv[r] : yv[r];
+}
+
+static inline void tern_i8_tile(const tern_job *j, int tile, float yv[4]) {
+    const ob_tern *w = j->w;
+    int gblk = w->gpad / OB_BLK;
+    yv[0] = yv[1] = yv[2] = yv[3] = 0.0f;
+    for (int g = 0; g < w->C; g++) {
+        int32_t a[4];
+        prim_tern_dot4(tile_ptr(w, tile, g * gblk), j->xq + (size_t)g * w->gpad, gblk, a);
+        for (int r = 0; r < 4; r++) {
+            int o = tile * 4 + r;
+            if (o >= w->N) break;
+            int32_t v = a[r] - j->sums[g];
+            if (j->acc) j->acc[(size_t)g * w->N + o] = v;
+            yv[r] += ((float)v / j->sx[0]) * w->rs[(size_t)g * w->N + o];
+        }
+    }
+}
+
+/* j->ntiles: output tiles, or with glu the gate tiles (tile t pairs with up tile t + ntiles) */
 static void tern_i8_gemv_task(void *p, int task, int tid) {
     (void)tid;
     tern_job *j = p;
-    const ob_tern *w = j->w;
-    int gblk = w->gpad / OB_BLK, t1 = ob_min(j->ntiles, (task + 1) * j->per_task);
+    int t1 = ob_min(j->ntiles, (task + 1) * j->per_task);
     for (int tile = task * j->per_task; tile < t1; tile++) {
-        float yv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int g = 0; g < w->C; g++) {
-            int32_t a[4];
-            prim_tern_dot4(tile_ptr(w, tile, g * gblk), j->xq + (size_t)g * w->gpad, gblk, a);
-            for (int r = 0; r < 4; r++) {
-                int o = tile * 4 + r;
-                if (o >= w->N) break;
-                int32_t v = a[r] - j->sums[g];
-                if (j->acc) j->acc[(size_t)g * w->N + o] = v;
-                yv[r] += ((float)v / j->sx[0]) * w->rs[(size_t)g * w->N + o];
-            }
-        }
-        for (int r = 0; r < 4 && tile * 4 + r < w->N; r++) j->y[tile * 4 + r] = yv[r];
+        float yv[4], uv[4];
+        tern_i8_tile(j, tile, yv);
+        if (j->glu) tern_i8_tile(j, tile + j->ntiles, uv);
+        gemv_store(j, tile, yv, uv);
     }
+}
+
+static void gemm_residual(const tern_job *j, int o0, int nrow) {
+    if (!j->res) return;
+    for (int t = 0; t < j->T; t++) {
+        float *yt = j->y + (size_t)t * j->w->N + o0;
+        const float *rt = j->res + (size_t)t * j->w->N + o0;
+        for (int r = 0; r < nrow; r++) yt[r] = rt[r] + yt[r];
+    }
+}
+
+/* GEMM with a glu epilogue: the full [T, N] product went to j->y (scratch); act(gate) * up -> out [T, N/2] */
+static void gemm_glu(ob_ctx *c, const float *full, int T, int N, int silu, float *out) {
+    for (int t = 0; t < T; t++)
+        c->k->glu(c, full + (size_t)t * N, full + (size_t)t * N + N / 2, (size_t)(N / 2), silu,
+                  out + (size_t)t * (N / 2));
+}
+
+/* Tokens per pass over a task's unpacked codes: their activations (tblk x gpad bytes) and the codes
+ * (16 x gpad) stay in L2 together, instead of every task streaming all T tokens' activations from L3. */
+static int gemm_token_block(int T, int gpad) {
+    int most = ob_max(OB_TB, 320 * 1024 / gpad), passes = ob_max(1, (T + most - 1) / most), tb = (T + passes - 1) / passes;
+    return (tb + OB_TB - 1) / OB_TB * OB_TB; /* T split evenly, in whole micro-kernel blocks */
 }
 
 static void tern_i8_gemm_task(void *p, int task, int tid) {
     tern_job *j = p;
     const ob_tern *w = j->w;
     int T = j->T, gblk = w->gpad / OB_BLK, tile0 = task * OB_RG, ntl = ob_min(OB_RG, j->ntiles - tile0);
-    uint8_t *q = j->scr + (size_t)tid * j->scr_per_thread;   /* [16 rows][OB_QS] */
-    int32_t *ab = (int32_t *)(q + (size_t)OB_RG * 4 * OB_QS); /* [T][16] */
-    int o0 = tile0 * 4, nrow = ob_min(ntl * 4, w->N - o0);
+    size_t qs = (size_t)w->gpad;
+    uint8_t *q = j->scr + (size_t)tid * j->scr_per_thread;  /* [16 rows][gpad]: one group's codes */
+    int32_t *ab = (int32_t *)(q + (size_t)OB_RG * 4 * qs);  /* [T][16] */
+    int o0 = tile0 * 4, nrow = ob_min(ntl * 4, w->N - o0), tblk = gemm_token_block(T, w->gpad);
     for (int g = 0; g < w->C; g++) {
         memset(ab, 0, sizeof(int32_t) * (size_t)T * OB_RG * 4);
-        for (int kb = 0; kb < gblk; kb += OB_KCB) {
-            int nb = ob_min(OB_KCB, gblk - kb);
-            for (int tl = 0; tl < ntl; tl++)
-                prim_tern_unpack4(tile_ptr(w, tile0 + tl, g * gblk + kb), nb, q + (size_t)tl * 4 * OB_QS, OB_QS);
-            for (int t0 = 0; t0 < T; t0 += OB_TB) {
-                int nt = ob_min(OB_TB, T - t0);
-                const int8_t *xt = j->xq + (size_t)t0 * w->Kp + (size_t)g * w->gpad + (size_t)kb * OB_BLK;
-                for (int tl = 0; tl < ntl; tl++)
-                    prim_tern_mk(q + (size_t)tl * 4 * OB_QS, OB_QS, xt, w->Kp, nt, nb * OB_BLK,
-                                 ab + (size_t)t0 * OB_RG * 4 + tl * 4, OB_RG * 4);
+        for (int tl = 0; tl < ntl; tl++)
+            prim_tern_unpack4(tile_ptr(w, tile0 + tl, g * gblk), gblk, q + (size_t)tl * 4 * qs, qs);
+        for (int tb = 0; tb < T; tb += tblk) {
+            int te = ob_min(T, tb + tblk);
+            for (int kb = 0; kb < gblk; kb += OB_KCB) {
+                int nb = ob_min(OB_KCB, gblk - kb);
+                for (int t0 = tb; t0 < te; t0 += OB_TB) {
+                    int nt = ob_min(OB_TB, te - t0);
+                    const int8_t *xt = j->xq + (size_t)t0 * w->Kp + (size_t)g * w->gpad + (size_t)kb * OB_BLK;
+                    for (int tl = 0; tl < ntl; tl++)
+                        prim_tern_mk(q + (size_t)tl * 4 * qs + (size_t)kb * OB_BLK, qs, xt, w->Kp, nt, nb * OB_BLK,
+                                     ab + (size_t)t0 * OB_RG * 4 + tl * 4, OB_RG * 4);
+                }
             }
         }
         const float *rs = w->rs + (size_t)g * w->N + o0;
@@ -322,44 +384,61 @@ static void tern_i8_gemm_task(void *p, int task, int tid) {
                 for (int r = 0; r < nrow; r++) yt[r] += ((float)(at[r] - sm) / sx) * rs[r];
         }
     }
+    gemm_residual(j, o0, nrow);
 }
 
+/* ~16 tasks per thread: whichever thread finishes first takes the next, so the end of an op waits for at most
+ * one small task (for o_proj's 1.6 MB, ~50 KB) on the other thread. */
 static int gemv_per_task(int ntiles, int nthreads) {
-    int per = ntiles / (4 * nthreads);
+    int per = ntiles / (16 * nthreads);
     return per < 1 ? 1 : per > 128 ? 128 : per;
 }
 
 static void OB_CAT(tern_i8_, OB_ISA)(ob_ctx *c, const ob_tern *w, const int8_t *xq, const int32_t *sums,
-                                      const float *sx, int T, float *y, int32_t *acc) {
+                                      const float *sx, int T, float *y, int32_t *acc, const float *res, int glu) {
     tern_job j;
     memset(&j, 0, sizeof j);
-    j.w = w, j.xq = xq, j.sums = sums, j.sx = sx, j.T = T, j.y = y, j.acc = acc;
+    j.w = w, j.xq = xq, j.sums = sums, j.sx = sx, j.T = T, j.y = y, j.acc = acc, j.res = res, j.glu = glu;
     j.ntiles = (w->N + 3) / 4;
     if (T == 1) {
-        j.per_task = gemv_per_task(j.ntiles, c->nthreads);
+        if (glu) j.ntiles = w->N / 8;
+        j.per_task = gemv_per_task(j.ntiles * (glu ? 2 : 1), c->nthreads) / (glu ? 2 : 1);
+        if (j.per_task < 1) j.per_task = 1;
         ob_pool_run(c->pool, tern_i8_gemv_task, &j, (j.ntiles + j.per_task - 1) / j.per_task);
         return;
     }
-    j.scr_per_thread = ((size_t)OB_RG * 4 * OB_QS + sizeof(int32_t) * (size_t)T * OB_RG * 4 + 63) & ~(size_t)63;
-    j.scr = ob_scratch(c, 1, j.scr_per_thread * (size_t)c->nthreads);
+    size_t full = glu ? ((size_t)T * w->N * sizeof(float) + 63) & ~(size_t)63 : 0;
+    j.scr_per_thread = ((size_t)OB_RG * 4 * w->gpad + sizeof(int32_t) * (size_t)T * OB_RG * 4 + 63) & ~(size_t)63;
+    uint8_t *scr = ob_scratch(c, 1, full + j.scr_per_thread * (size_t)c->nthreads);
+    j.scr = scr + full;
+    j.glu = 0;
+    if (glu) j.y = (float *)scr;
     ob_pool_run(c->pool, tern_i8_gemm_task, &j, (j.ntiles + OB_RG - 1) / OB_RG);
+    if (glu) gemm_glu(c, j.y, T, w->N, glu == OB_GLU_SILU, y);
 }
 
 /* ============================ ternary matmul, float activations ================================ */
 
+static inline void tern_f32_tile(const tern_job *j, int tile, float yv[4]) {
+    const ob_tern *w = j->w;
+    int gblk = w->gpad / OB_BLK;
+    yv[0] = yv[1] = yv[2] = yv[3] = 0.0f;
+    for (int g = 0; g < w->C; g++) {
+        float a[4];
+        prim_ternf_dot4(tile_ptr(w, tile, g * gblk), j->xf + (size_t)g * w->gpad, gblk, a);
+        for (int r = 0; r < 4 && tile * 4 + r < w->N; r++) yv[r] += a[r] * w->rs[(size_t)g * w->N + tile * 4 + r];
+    }
+}
+
 static void tern_f32_gemv_task(void *p, int task, int tid) {
     (void)tid;
     tern_job *j = p;
-    const ob_tern *w = j->w;
-    int gblk = w->gpad / OB_BLK, t1 = ob_min(j->ntiles, (task + 1) * j->per_task);
+    int t1 = ob_min(j->ntiles, (task + 1) * j->per_task);
     for (int tile = task * j->per_task; tile < t1; tile++) {
-        float yv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int g = 0; g < w->C; g++) {
-            float a[4];
-            prim_ternf_dot4(tile_ptr(w, tile, g * gblk), j->xf + (size_t)g * w->gpad, gblk, a);
-            for (int r = 0; r < 4 && tile * 4 + r < w->N; r++) yv[r] += a[r] * w->rs[(size_t)g * w->N + tile * 4 + r];
-        }
-        for (int r = 0; r < 4 && tile * 4 + r < w->N; r++) j->y[tile * 4 + r] = yv[r];
+        float yv[4], uv[4];
+        tern_f32_tile(j, tile, yv);
+        if (j->glu) tern_f32_tile(j, tile + j->ntiles, uv);
+        gemv_store(j, tile, yv, uv);
     }
 }
 
@@ -394,6 +473,7 @@ static void tern_f32_gemm_task(void *p, int task, int tid) {
                 for (int r = 0; r < nrow; r++) yt[r] += at[r] * rs[r];
         }
     }
+    gemm_residual(j, o0, nrow);
 }
 
 typedef struct {
@@ -412,24 +492,31 @@ static void pad_task(void *p, int t, int tid) {
     }
 }
 
-static void OB_CAT(tern_f32_, OB_ISA)(ob_ctx *c, const ob_tern *w, const float *x, int T, float *y) {
+static void OB_CAT(tern_f32_, OB_ISA)(ob_ctx *c, const ob_tern *w, const float *x, int T, float *y,
+                                       const float *res, int glu) {
     tern_job j;
     memset(&j, 0, sizeof j);
-    j.w = w, j.T = T, j.y = y;
+    j.w = w, j.T = T, j.y = y, j.res = res, j.glu = glu;
     j.ntiles = (w->N + 3) / 4;
     size_t xbytes = ((size_t)T * w->Kp * sizeof(float) + 63) & ~(size_t)63;
+    size_t full = glu && T > 1 ? ((size_t)T * w->N * sizeof(float) + 63) & ~(size_t)63 : 0;
     j.scr_per_thread = ((size_t)OB_RG * 4 * OB_QS + sizeof(float) * (size_t)T * OB_RG * 4 + 63) & ~(size_t)63;
-    uint8_t *scr = ob_scratch(c, 1, xbytes + j.scr_per_thread * (size_t)c->nthreads);
+    uint8_t *scr = ob_scratch(c, 1, xbytes + full + j.scr_per_thread * (size_t)c->nthreads);
     float *xp = (float *)scr;
-    j.scr = scr + xbytes;
+    j.scr = scr + xbytes + full;
     pad_job pj = {x, xp, w->K, w->C, w->cg, w->gpad};
     for (int t = 0; t < T; t++) pad_task(&pj, t, 0);
     j.xf = xp;
     if (T == 1) {
-        j.per_task = gemv_per_task(j.ntiles, c->nthreads);
+        if (glu) j.ntiles = w->N / 8;
+        j.per_task = gemv_per_task(j.ntiles * (glu ? 2 : 1), c->nthreads) / (glu ? 2 : 1);
+        if (j.per_task < 1) j.per_task = 1;
         ob_pool_run(c->pool, tern_f32_gemv_task, &j, (j.ntiles + j.per_task - 1) / j.per_task);
     } else {
+        j.glu = 0;
+        if (glu) j.y = (float *)(scr + xbytes);
         ob_pool_run(c->pool, tern_f32_gemm_task, &j, (j.ntiles + OB_RG - 1) / OB_RG);
+        if (glu) gemm_glu(c, j.y, T, w->N, glu == OB_GLU_SILU, y);
     }
 }
 
@@ -471,7 +558,7 @@ static void OB_CAT(dense_, OB_ISA)(ob_ctx *c, const void *w, int wtype, int N, i
     dense_job j;
     memset(&j, 0, sizeof j);
     j.w = w, j.wtype = wtype, j.N = N, j.K = K, j.T = T, j.x = x, j.y = y;
-    int ntasks = ob_max(1, ob_min((N + OB_DROWS - 1) / OB_DROWS, 16 * c->nthreads));
+    int ntasks = ob_max(1, ob_min((N + OB_DROWS - 1) / OB_DROWS, 64 * c->nthreads));
     j.per_task = ((N + ntasks - 1) / ntasks + 3) / 4 * 4;
     ob_pool_run(c->pool, dense_task, &j, (N + j.per_task - 1) / j.per_task);
 }
@@ -503,7 +590,7 @@ static void OB_CAT(dense_i8_, OB_ISA)(ob_ctx *c, const int8_t *w, const float *r
     memset(&j, 0, sizeof j);
     j.w8 = w, j.rscale = rscale, j.N = N, j.K = K32, j.xq = xq, j.sx = sx, j.T = T, j.y = y;
     j.iscr = ob_scratch(c, 1, sizeof(int32_t) * 64 * (size_t)c->nthreads);
-    int ntasks = ob_max(1, ob_min((N + OB_DROWS - 1) / OB_DROWS, 16 * c->nthreads));
+    int ntasks = ob_max(1, ob_min((N + OB_DROWS - 1) / OB_DROWS, 64 * c->nthreads));
     j.per_task = ((N + ntasks - 1) / ntasks + 3) / 4 * 4;
     ob_pool_run(c->pool, dense_i8_task, &j, (N + j.per_task - 1) / j.per_task);
 }

@@ -22,7 +22,8 @@ static void release(bufs *bs) {
     bs->n = 0;
 }
 
-/* fmt: C ctx, R readable buffer, W writable buffer, w writable buffer or None, n Py_ssize_t, d double. */
+/* fmt: C ctx, R readable buffer, r readable buffer or None, W writable buffer, w writable buffer or None,
+ * n Py_ssize_t, d double. */
 static int parse(PyObject *const *a, Py_ssize_t na, const char *fmt, bufs *bs, ...) {
     va_list ap;
     va_start(ap, bs);
@@ -42,6 +43,7 @@ static int parse(PyObject *const *a, Py_ssize_t na, const char *fmt, bufs *bs, .
             break;
         }
         case 'w':
+        case 'r':
             if (o == Py_None) {
                 *va_arg(ap, void **) = NULL;
                 break;
@@ -50,7 +52,7 @@ static int parse(PyObject *const *a, Py_ssize_t na, const char *fmt, bufs *bs, .
         case 'R':
         case 'W': {
             Py_buffer *b = &bs->b[bs->n];
-            int flags = fmt[i] == 'R' ? PyBUF_C_CONTIGUOUS : (PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE);
+            int flags = fmt[i] == 'R' || fmt[i] == 'r' ? PyBUF_C_CONTIGUOUS : (PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE);
             if (PyObject_GetBuffer(o, b, flags) < 0) goto fail;
             bs->n++;
             *va_arg(ap, void **) = b->buf;
@@ -159,33 +161,45 @@ static PyObject *py_repack(PyObject *self, PyObject *const *a, Py_ssize_t na) {
     Py_RETURN_NONE;
 }
 
-/* ternary(ctx, x f32 [T, K], T, w, N, K, C, rs f32 [C, N], y f32 [T, N], int8_acts, acc int32 [C, T, N] | None) */
+/* ternary(ctx, x f32 [T, K], T, w, N, K, C, rs f32 [C, N], y f32 [T, N or N/2], int8_acts,
+ *         acc int32 [C, T, N] | None, norm f32 [K] | None, eps, res f32 [T, N] | None, glu)
+ * One call for a linear and what surrounds it: with norm, x is first RMSNorm'ed (the rmsnorm kernel); the
+ * epilogue adds res (y = res + x W^T) or, with glu (OB_GLU_*), writes act(gate) * up of the two halves. */
 static PyObject *py_ternary(PyObject *self, PyObject *const *a, Py_ssize_t na) {
     (void)self;
     bufs bs;
     ob_ctx *c;
-    void *x, *wd, *rs, *y, *acc;
-    Py_ssize_t T, N, K, C, i8;
-    if (parse(a, na, "CRnRnnnRWnw", &bs, &c, &x, &T, &wd, &N, &K, &C, &rs, &y, &i8, &acc) < 0) return NULL;
+    void *x, *wd, *rs, *y, *acc, *nw, *res;
+    Py_ssize_t T, N, K, C, i8, glu;
+    double eps;
+    if (parse(a, na, "CRnRnnnRWnwrdrn", &bs, &c, &x, &T, &wd, &N, &K, &C, &rs, &y, &i8, &acc, &nw, &eps, &res,
+              &glu) < 0)
+        return NULL;
     ob_tern w;
     tern_init(&w, wd, rs, N, K, C);
     int ok = 1;
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&c->mu);
-    if (i8) {
-        size_t qb = ((size_t)T * w.Kp + 63) & ~(size_t)63, sb = ((size_t)T * C * 4 + 63) & ~(size_t)63;
-        char *s = ob_scratch(c, 0, qb + sb + (size_t)T * 4);
-        if (!s) {
-            ok = 0;
-        } else {
-            int8_t *xq = (int8_t *)s;
-            int32_t *sums = (int32_t *)(s + qb);
-            float *sx = (float *)(s + qb + sb);
-            c->k->quant(c, x, (int)T, w.K, w.C, w.cg, w.gpad, xq, sums, sx);
-            c->k->tern_i8(c, &w, xq, sums, sx, (int)T, y, acc);
-        }
+    size_t nb = nw ? ((size_t)T * K * 4 + 63) & ~(size_t)63 : 0;
+    size_t qb = i8 ? ((size_t)T * w.Kp + 63) & ~(size_t)63 : 0, sb = ((size_t)T * C * 4 + 63) & ~(size_t)63;
+    char *s = ob_scratch(c, 0, nb + qb + sb + (size_t)T * 4);
+    if (!s) {
+        ok = 0;
     } else {
-        c->k->tern_f32(c, &w, x, (int)T, y);
+        const float *xin = x;
+        if (nw) {
+            c->k->rmsnorm(c, x, nw, (int)T, (int)K, (float)eps, (float *)s);
+            xin = (const float *)s;
+        }
+        if (i8) {
+            int8_t *xq = (int8_t *)(s + nb);
+            int32_t *sums = (int32_t *)(s + nb + qb);
+            float *sx = (float *)(s + nb + qb + sb);
+            c->k->quant(c, xin, (int)T, w.K, w.C, w.cg, w.gpad, xq, sums, sx);
+            c->k->tern_i8(c, &w, xq, sums, sx, (int)T, y, acc, res, (int)glu);
+        } else {
+            c->k->tern_f32(c, &w, xin, (int)T, y, res, (int)glu);
+        }
     }
     pthread_mutex_unlock(&c->mu);
     Py_END_ALLOW_THREADS

@@ -44,16 +44,19 @@ typedef struct {
 } ob_tern;
 
 enum { OB_F32 = 0, OB_BF16 = 1, OB_F16 = 2 };
+enum { OB_GLU_NONE = 0, OB_GLU_RELU2 = 1, OB_GLU_SILU = 2 };
 
 typedef struct ob_kernels {
     const char *name;
     /* x f32 [T, K] -> xq int8 [T, Kp] in the padded group layout, sums int32 [T, C], sx f32 [T] */
     void (*quant)(ob_ctx *, const float *x, int T, int K, int C, int cg, int gpad, int8_t *xq, int32_t *sums,
                   float *sx);
-    /* y f32 [T, N]; acc (optional) int32 [C, T, N]: exact per-group ternary dot products */
+    /* y f32 [T, N]; acc (optional) int32 [C, T, N]: exact per-group ternary dot products. Epilogues: res
+     * (optional) f32 [T, N]: y = res + x W^T; glu (OB_GLU_*; N a multiple of 8, no acc): y f32 [T, N/2] =
+     * act(gate) * up of the output's two halves, exactly as the glu kernel. */
     void (*tern_i8)(ob_ctx *, const ob_tern *w, const int8_t *xq, const int32_t *sums, const float *sx, int T,
-                    float *y, int32_t *acc);
-    void (*tern_f32)(ob_ctx *, const ob_tern *w, const float *x, int T, float *y);
+                    float *y, int32_t *acc, const float *res, int glu);
+    void (*tern_f32)(ob_ctx *, const ob_tern *w, const float *x, int T, float *y, const float *res, int glu);
     void (*dense)(ob_ctx *, const void *w, int wtype, int N, int K, const float *x, int T, float *y);
     void (*dense_i8)(ob_ctx *, const int8_t *w, const float *rscale, int N, int K, const int8_t *xq,
                      const float *sx, int T, float *y);

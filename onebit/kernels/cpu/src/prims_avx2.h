@@ -10,6 +10,20 @@
 
 #define OB_INLINE static inline __attribute__((always_inline))
 
+/* GEMV weight streams: one core's hardware prefetcher alone reaches ~2/3 of its read bandwidth on this access
+ * pattern (measured on Zen 3: 8-9 GB/s vs a plain sum's 13); software prefetch OB_PF bytes ahead closes the gap.
+ * Prefetching past the end of a matrix is harmless (a hint; it never faults). */
+#ifndef OB_PF
+#define OB_PF 2048
+#endif
+#define OB_PREFETCH_BLOCK(p)                                                \
+    do {                                                                    \
+        _mm_prefetch((const char *)(p) + OB_PF, _MM_HINT_T0);               \
+        _mm_prefetch((const char *)(p) + OB_PF + 64, _MM_HINT_T0);          \
+        _mm_prefetch((const char *)(p) + OB_PF + 128, _MM_HINT_T0);         \
+        _mm_prefetch((const char *)(p) + OB_PF + 192, _MM_HINT_T0);         \
+    } while (0)
+
 OB_INLINE __m128i hsum4_epi32(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
     __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
     return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
@@ -54,6 +68,7 @@ static void prim_tern_dot4(const uint8_t *w, const int8_t *x, int nblk, int32_t 
         for (int b = b0; b < b1; b++) {
             const int8_t *xb = x + (size_t)b * 256;
             const uint8_t *wb = w + (size_t)b * 256;
+            OB_PREFETCH_BLOCK(wb);
 #pragma GCC unroll 4
             for (int r = 0; r < 4; r++) {
                 const uint8_t *wr = wb + r * 64;
@@ -84,35 +99,38 @@ static void prim_tern_unpack4(const uint8_t *w, int nblk, uint8_t *q, size_t qst
         }
 }
 
-/* 4 rows x NT tokens; len <= 1024 so the int16 sums stay within +-16384 */
+/* 2 rows x NT tokens; len <= 1024 so the int16 sums stay within +-16384. Two rows, not four: 2 x 3 int16
+ * accumulators + 3 activation vectors + the codes + a product fit AVX2's 16 ymm registers, where 4 x 3 spilled
+ * (measured on Zen 3: 123 vs 81 GMAC/s per core on this loop with L1-resident data). */
 OB_INLINE void tern_mk_n(const uint8_t *q, size_t qs, const int8_t *x, size_t xs, const int NT, int len,
                          int32_t *acc, int astride) {
-    __m256i a[4][OB_TB];
-    for (int r = 0; r < 4; r++)
+    __m256i a[2][OB_TB];
+    for (int r = 0; r < 2; r++)
         for (int t = 0; t < NT; t++) a[r][t] = _mm256_setzero_si256();
     for (int e = 0; e < len; e += 32) {
         __m256i xv[OB_TB];
         for (int t = 0; t < NT; t++) xv[t] = _mm256_loadu_si256((const __m256i *)(x + t * xs + e));
-        for (int r = 0; r < 4; r++) {
+        for (int r = 0; r < 2; r++) {
             __m256i qv = _mm256_loadu_si256((const __m256i *)(q + r * qs + e));
             for (int t = 0; t < NT; t++) a[r][t] = _mm256_add_epi16(a[r][t], _mm256_maddubs_epi16(qv, xv[t]));
         }
     }
-    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i ones = _mm256_set1_epi16(1), z = _mm256_setzero_si256();
     for (int t = 0; t < NT; t++) {
-        __m128i s = hsum4_epi32(_mm256_madd_epi16(a[0][t], ones), _mm256_madd_epi16(a[1][t], ones),
-                                _mm256_madd_epi16(a[2][t], ones), _mm256_madd_epi16(a[3][t], ones));
+        __m128i s = hsum4_epi32(_mm256_madd_epi16(a[0][t], ones), _mm256_madd_epi16(a[1][t], ones), z, z);
         __m128i *dst = (__m128i *)(acc + t * astride);
-        _mm_storeu_si128(dst, _mm_add_epi32(_mm_loadu_si128(dst), s));
+        _mm_storel_epi64(dst, _mm_add_epi32(_mm_loadl_epi64(dst), s));
     }
 }
 
 #define OB_HAVE_TERN_MK
 static void prim_tern_mk(const uint8_t *q, size_t qs, const int8_t *x, size_t xs, int nt, int len, int32_t *acc,
                          int astride) {
-    if (nt == 3) tern_mk_n(q, qs, x, xs, 3, len, acc, astride);
-    else if (nt == 2) tern_mk_n(q, qs, x, xs, 2, len, acc, astride);
-    else tern_mk_n(q, qs, x, xs, 1, len, acc, astride);
+    for (int p = 0; p < 4; p += 2) { /* rows 0-1, then 2-3 */
+        if (nt == 3) tern_mk_n(q + p * qs, qs, x, xs, 3, len, acc + p, astride);
+        else if (nt == 2) tern_mk_n(q + p * qs, qs, x, xs, 2, len, acc + p, astride);
+        else tern_mk_n(q + p * qs, qs, x, xs, 1, len, acc + p, astride);
+    }
 }
 
 #endif
@@ -388,6 +406,34 @@ OB_INLINE void scores_n(const float *q, const int NQ, const char *k, int kvt, si
     }
 }
 
+/* 4 queries x 2 keys per step: each query vector is loaded once for both keys (the same FMAs per score as
+ * scores_n, so the same values); 8 accumulators, no register spills. D a multiple of 8. Measured on Zen 3 at
+ * 1024 positions: ~10% faster with a float16 cache, ~10% slower with a float32 one (which keeps scores_n). */
+OB_INLINE void scores_4x2(const float *q, const char *k, int kvt, size_t esz, int nk, int D, float scale, float *s) {
+    int j = 0;
+    for (; j + 2 <= nk; j += 2) {
+        const char *k0 = k + (size_t)j * D * esz, *k1 = k0 + (size_t)D * esz;
+        __m256 a[4][2];
+        for (int r = 0; r < 4; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+        for (int d = 0; d < D; d += 8) {
+            __m256 kv0 = ld8kv(k0, kvt, d), kv1 = ld8kv(k1, kvt, d);
+            for (int r = 0; r < 4; r++) {
+                __m256 qv = _mm256_loadu_ps(q + (size_t)r * D + d);
+                a[r][0] = _mm256_fmadd_ps(qv, kv0, a[r][0]);
+                a[r][1] = _mm256_fmadd_ps(qv, kv1, a[r][1]);
+            }
+        }
+        float o0[4], o1[4];
+        _mm_storeu_ps(o0, hsum4_ps(a[0][0], a[1][0], a[2][0], a[3][0]));
+        _mm_storeu_ps(o1, hsum4_ps(a[0][1], a[1][1], a[2][1], a[3][1]));
+        for (int r = 0; r < 4; r++) {
+            s[r * OB_KB + j] = o0[r] * scale;
+            s[r * OB_KB + j + 1] = o1[r] * scale;
+        }
+    }
+    if (j < nk) scores_n(q, 4, k + (size_t)j * D * esz, kvt, esz, nk - j, D, scale, s + j);
+}
+
 static void prim_scores(const float *q, int nq, const void *k, int kvt, int nk, int D, float scale, float *s) {
     size_t esz = kvt == 0 ? 4 : 2;
     for (int i = 0; i < nq; i += 4) {
@@ -397,7 +443,9 @@ static void prim_scores(const float *q, int nq, const void *k, int kvt, int nk, 
         case 1: scores_n(qi, 1, k, kvt, esz, nk, D, scale, si); break;
         case 2: scores_n(qi, 2, k, kvt, esz, nk, D, scale, si); break;
         case 3: scores_n(qi, 3, k, kvt, esz, nk, D, scale, si); break;
-        default: scores_n(qi, 4, k, kvt, esz, nk, D, scale, si);
+        default:
+            if (kvt && D % 8 == 0) scores_4x2(qi, k, kvt, esz, nk, D, scale, si); /* ~10% faster on f16 keys only */
+            else scores_n(qi, 4, k, kvt, esz, nk, D, scale, si);
         }
     }
 }

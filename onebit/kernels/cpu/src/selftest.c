@@ -58,11 +58,11 @@ static int check_ternary(ob_ctx *a, ob_ctx *b, int T, int N, int K, int C) {
     a->k->quant(a, x, T, K, C, cg, gpad, qa, sa, xa);
     b->k->quant(b, x, T, K, C, cg, gpad, qb, sb, xb);
     if (memcmp(qa, qb, (size_t)T * Kp) || memcmp(xa, xb, 4 * T) || memcmp(sa, sb, 4 * T * C)) bad |= 1;
-    a->k->tern_i8(a, &w, qa, sa, xa, T, ya, acca);
-    b->k->tern_i8(b, &w, qb, sb, xb, T, yb, accb);
+    a->k->tern_i8(a, &w, qa, sa, xa, T, ya, acca, NULL, 0);
+    b->k->tern_i8(b, &w, qb, sb, xb, T, yb, accb, NULL, 0);
     if (memcmp(acca, accb, 4 * (size_t)C * T * N) || memcmp(ya, yb, 4 * (size_t)T * N)) bad |= 2;
-    a->k->tern_f32(a, &w, x, T, ya);
-    b->k->tern_f32(b, &w, x, T, yb);
+    a->k->tern_f32(a, &w, x, T, ya, NULL, 0);
+    b->k->tern_f32(b, &w, x, T, yb, NULL, 0);
     for (int i = 0; i < T * N; i++) { /* float sums: error relative to sum |x| * max scale (2.5) */
         float sum = 0.0f;
         for (int k = 0; k < K; k++) sum += fabsf(x[(i / N) * K + k]);

@@ -1,0 +1,380 @@
+"""`TritonCudaBackend`: the Backend protocol on torch tensors with the Triton kernels of kernels.py, plus a fused,
+CUDA-graph-captured decode step.
+
+Two paths:
+- the protocol (prefill, perplexity, anything with more than one new token per sequence): each op is a kernel;
+  ``rmsnorm`` returns a lazy ``Normed`` that the next matmul fuses into its prologue (with the int8
+  quantization), so a ternary linear is one kernel for up to 16 tokens;
+- ``decode_batch`` (every sequence adds one token): six kernels per layer (q/k/v matmul with RMSNorm +
+  quantization prologue and RoPE + KV-append epilogue; split-KV attention; merge + sub-norm + quantization;
+  o matmul + residual; gate/up matmul + gated activation; down matmul + sub-norm prologue + residual), replayed
+  from a CUDA graph captured once per (model, batch bucket). Sequences find their KV caches through a table of
+  addresses in the graph's static inputs, so any mix of sequences and lengths replays the same graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ...errors import UnsupportedError
+from ...weights.packing import TernaryWeight
+from ..numpy_ref import quantize_rows_int8, rope_tables
+from . import kernels as K
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # decode batch sizes with a captured graph (more run in chunks of 64)
+
+
+class CudaKVCache:
+    """One sequence's keys and values: [layers, 2, max_len, Hkv, D] (float16 or float32) on the device."""
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int, dtype, device):
+        self.kv = torch.zeros((n_layers, 2, max_len, n_kv_heads, head_dim), dtype=dtype, device=device)
+        self.length = 0
+        self.max_len = max_len
+
+    @property
+    def k(self) -> torch.Tensor:  # [layers, max_len, Hkv, D] views (cache.copy_prefix copies through them)
+        return self.kv[:, 0]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.kv[:, 1]
+
+    def trim(self, n: int) -> None:
+        self.length = min(self.length, max(0, n))
+
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+
+@dataclass
+class CudaDense:
+    """A float matrix [out, in] (embedding / lm_head) in 16 bits when exact, its int8 per-row copy on demand."""
+
+    table: torch.Tensor
+    matrix: K.Matrix
+    int8: K.Matrix | None = None
+
+
+@dataclass
+class Normed:
+    """RMSNorm(x) not yet computed: the next matmul fuses it (and the int8 quantization) into its prologue."""
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    eps: float
+
+    def __getitem__(self, rows) -> "Normed":  # RMSNorm is per row: selecting rows commutes with it
+        return Normed(self.x[torch.as_tensor(rows, device=self.x.device)], self.weight, self.eps)
+
+
+@dataclass
+class LayerPlan:
+    """What the fused decode step needs of one decoder layer (BitNet or LLaMA)."""
+
+    in_norm: torch.Tensor
+    qkv: K.Matrix
+    attn_sub_norm: torch.Tensor | None
+    o: K.Matrix
+    post_norm: torch.Tensor
+    gate_up: K.Matrix
+    ffn_sub_norm: torch.Tensor | None
+    down: K.Matrix
+    act: int
+
+
+class TritonCudaBackend:
+    name = "cuda"
+
+    def __init__(self, lm_head: str = "f16", kv_dtype: str = "f32", graphs: bool = True, device=None):
+        if lm_head not in ("f16", "int8"):
+            raise ValueError(f"lm_head must be 'f16' or 'int8', got {lm_head!r}")
+        if kv_dtype not in ("f32", "f16"):
+            raise ValueError(f"kv_dtype must be 'f32' or 'f16', got {kv_dtype!r}")
+        self.device = torch.device(device or "cuda")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise UnsupportedError("the cuda backend needs a GPU that torch can see")
+        self.lm_head, self.kv_dtype = lm_head, kv_dtype
+        self.graphs = graphs and self.device.type == "cuda"
+        self._rope: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._plans: dict[int, object] = {}
+        self._steps: dict[tuple[int, int], "DecodeStep"] = {}
+
+    def __repr__(self) -> str:
+        return f"TritonCudaBackend(device={self.device}, lm_head={self.lm_head!r}, kv_dtype={self.kv_dtype!r})"
+
+    # -- load time ---------------------------------------------------------------------------------
+    def prepare_ternary(self, w: TernaryWeight) -> K.Matrix:
+        """Repack into 16 bit-strips: word j of row n holds input i * KW + j in bits 2i (see kernels.py)."""
+        n, k = w.out_features, w.in_features
+        kw = -(-k // 16)
+        codes = np.ones((n, 16 * kw), dtype=np.uint32)  # code 1 = zero for the padding inputs
+        codes[:, :k] = w.ternary() + 1
+        codes = codes.reshape(n, 16, kw)
+        words = np.zeros((n, kw), dtype=np.uint32)
+        for i in range(16):
+            words |= codes[:, i, :] << np.uint32(2 * i)
+        scales = np.ascontiguousarray(np.repeat(w.scales, w.row_group, axis=0).T)  # [C, N]
+        return K.Matrix(K.W_TERNARY, self._put(words.view(np.int32)), self._put(scales), n, k,
+                        groups=w.scales.shape[1])
+
+    def prepare_dense(self, w: np.ndarray):
+        w = np.asarray(w, dtype=np.float32)
+        if w.ndim == 1:
+            return self._put(w)
+        t = torch.from_numpy(np.ascontiguousarray(w))
+        for dt in (torch.bfloat16, torch.float16):
+            c = t.to(dt)
+            if torch.equal(c.to(torch.float32), t):
+                t = c
+                break
+        t = t.to(self.device)
+        ones = torch.ones((1, w.shape[0]), dtype=torch.float32, device=self.device)
+        return CudaDense(t, K.Matrix(K.W_FLOAT, t, ones, w.shape[0], w.shape[1]))
+
+    def make_cache(self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int) -> CudaKVCache:
+        dtype = torch.float16 if self.kv_dtype == "f16" else torch.float32
+        return CudaKVCache(n_layers, n_kv_heads, head_dim, max_len, dtype, self.device)
+
+    def _put(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+
+    def _int8_head(self, w: CudaDense) -> K.Matrix:
+        if w.int8 is None:
+            rows = w.table.shape[0]
+            q = torch.empty(w.table.shape, dtype=torch.int8, device=self.device)
+            s = torch.empty((1, rows), dtype=torch.float32, device=self.device)
+            for lo in range(0, rows, 8192):  # the reference's math, on the host, a slice at a time
+                qs, ss = quantize_rows_int8(w.table[lo:lo + 8192].float().cpu().numpy())
+                q[lo:lo + 8192] = torch.from_numpy(qs).to(self.device)
+                s[0, lo:lo + 8192] = torch.from_numpy(ss).to(self.device)
+            w.int8 = K.Matrix(K.W_INT8, q, s, rows, w.table.shape[1])
+        return w.int8
+
+    def rope_tables(self, theta: float, half: int, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin float32 [P, D/2] for positions 0..P-1 (the reference's float32 values), grown on demand."""
+        have = self._rope.get((theta, half))
+        if have is None or have[0].shape[0] < positions:
+            n = max(positions, 4096)
+            cos, sin = rope_tables(np.arange(n), 2 * half, theta)
+            have = (self._put(cos[:, :half]), self._put(sin[:, :half]))
+            self._rope[(theta, half)] = have
+        return have
+
+    # -- per step ------------------------------------------------------------------------------------
+    def _t(self, x) -> torch.Tensor:
+        if isinstance(x, Normed):
+            return K.norm_quant(x.x, x.weight, x.eps, quant=False)
+        if isinstance(x, torch.Tensor):
+            return x.contiguous()
+        return torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=self.device)
+
+    def _ids(self, ids) -> torch.Tensor:
+        if isinstance(ids, torch.Tensor):
+            return ids
+        return torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.device)
+
+    def embed(self, table: CudaDense, ids) -> torch.Tensor:
+        return table.table.index_select(0, self._ids(ids)).float()
+
+    def rmsnorm(self, x, weight, eps):
+        return Normed(self._t(x), weight, float(eps))
+
+    def ternary_matmul(self, x, w: K.Matrix, act_bits):
+        if isinstance(x, Normed):
+            return K.matmul(x.x, w, norm=x.weight, eps=x.eps, quant=act_bits == 8)
+        return K.matmul(self._t(x), w, quant=act_bits == 8)
+
+    def dense_matmul(self, x, w: CudaDense):
+        m = self._int8_head(w) if self.lm_head == "int8" else w.matrix
+        quant = self.lm_head == "int8"
+        if isinstance(x, Normed):
+            return K.matmul(x.x, m, norm=x.weight, eps=x.eps, quant=quant)
+        return K.matmul(self._t(x), m, quant=quant)
+
+    def rope(self, x, positions, theta):
+        x = self._t(x)
+        pos = np.asarray(positions, dtype=np.int64)
+        cos, sin = self.rope_tables(float(theta), x.shape[-1] // 2, int(pos.max()) + 1)
+        return K.rope(x, cos, sin, torch.as_tensor(pos, device=self.device))
+
+    def kv_append(self, cache: CudaKVCache, layer: int, k, v, start: int) -> None:
+        t = k.shape[0]
+        if start + t > cache.max_len:
+            raise ValueError(f"KV cache full: {start + t} positions > {cache.max_len}")
+        cache.kv[layer, 0, start:start + t] = self._t(k)
+        cache.kv[layer, 1, start:start + t] = self._t(v)
+
+    def attention(self, q, cache: CudaKVCache, layer: int, start: int):
+        q = self._t(q)
+        t, hq, d = q.shape
+        if t == 1:
+            tabs = self._tables([cache], [start])
+            hkv = cache.kv.shape[3]
+            splits = K.choose_splits(1, hkv, start + 1, K.sm_count(self.device))
+            out = K.decode_attention_tables(q, *tabs, layer, hkv, splits, kv_f32=cache.kv.dtype == torch.float32)
+            return out.view(1, hq, d)
+        return K.prefill_attention(q, cache.kv[layer, 0], cache.kv[layer, 1], start)
+
+    def _tables(self, caches, starts):
+        base = torch.tensor([c.kv.data_ptr() for c in caches], dtype=torch.int64, device=self.device)
+        maxlen = torch.tensor([c.max_len for c in caches], dtype=torch.int32, device=self.device)
+        lengths = torch.tensor([s + 1 for s in starts], dtype=torch.int32, device=self.device)
+        return base, maxlen, lengths
+
+    def glu(self, gate, up, act):
+        gate, up = self._t(gate), self._t(up)
+        if act == "relu2":
+            return torch.square(torch.clamp_min(gate, 0)) * up
+        return gate / (1.0 + torch.exp(-gate)) * up
+
+    def add(self, a, b):
+        return self._t(a) + self._t(b)
+
+    def concat(self, xs):
+        xs = [self._t(x) for x in xs]
+        return xs[0] if len(xs) == 1 else torch.cat(xs, dim=0)
+
+    def split(self, x, sizes):
+        return [p.contiguous() for p in torch.split(self._t(x), sizes, dim=1)]
+
+    def to_numpy(self, x) -> np.ndarray:
+        return self._t(x).float().cpu().numpy()
+
+    # -- fused decode --------------------------------------------------------------------------------
+    def decode_batch(self, net, ids: np.ndarray, segments) -> np.ndarray | None:
+        """One decode step (one new token per sequence) -> float32 logits [B, vocab], or None when this
+        model cannot take the fused path (the caller then runs the protocol path)."""
+        plan = self._plan(net)
+        if plan is None:
+            return None
+        outs = []
+        for lo in range(0, len(segments), BUCKETS[-1]):
+            segs = segments[lo:lo + BUCKETS[-1]]
+            bucket = next(b for b in BUCKETS if b >= len(segs))
+            key = (id(net), bucket)
+            step = self._steps.get(key)
+            if step is None:
+                step = self._steps[key] = DecodeStep(self, net, plan, bucket)
+            outs.append(step.run(ids[lo:lo + len(segs)], segs))
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+    def _plan(self, net):
+        key = id(net)
+        if key not in self._plans:
+            self._plans[key] = _layer_plans(net)
+        return self._plans[key]
+
+
+def _layer_plans(net) -> list[LayerPlan] | None:
+    cfg = net.config
+    d = cfg.head_dim
+    if d & (d - 1) or d < 16:
+        return None  # the attention kernels take power-of-two head sizes >= 16
+    plans = []
+    for layer in net.layers:
+        fused = (layer.qkv_proj.fused, layer.gate_up_proj.fused)
+        if fused[0] is None or fused[1] is None:
+            return None
+        plans.append(LayerPlan(
+            in_norm=layer.input_layernorm.weight, qkv=fused[0].w,
+            attn_sub_norm=getattr(getattr(layer, "attn_sub_norm", None), "weight", None), o=layer.o_proj.w,
+            post_norm=layer.post_attention_layernorm.weight, gate_up=fused[1].w,
+            ffn_sub_norm=getattr(getattr(layer, "ffn_sub_norm", None), "weight", None), down=layer.down_proj.w,
+            act=K.ACT_RELU2 if cfg.arch == "bitnet" else K.ACT_SILU))
+    return plans
+
+
+class DecodeStep:
+    """The fused decode step for one model and batch bucket: static inputs, and a CUDA graph once warmed."""
+
+    def __init__(self, backend: TritonCudaBackend, net, plans: list[LayerPlan], bucket: int):
+        self.be, self.net, self.plans, self.bucket = backend, net, plans, bucket
+        cfg = net.config
+        dev = backend.device
+        self.cfg = cfg
+        self.act8 = cfg.act_bits == 8
+        self.hq, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.cos, self.sin = backend.rope_tables(float(cfg.rope_theta), self.d // 2, cfg.max_position_embeddings)
+        self.splits = K.choose_splits(bucket, self.hkv, cfg.max_position_embeddings, K.sm_count(dev))
+        # static inputs: host staging (pinned on a GPU) and the device copies the kernels read
+        pin = dev.type == "cuda"
+        self.h_ids = torch.zeros(bucket, dtype=torch.int64, pin_memory=pin)
+        self.h_i32 = torch.zeros((3, bucket), dtype=torch.int32, pin_memory=pin)  # pos, lengths, maxlen
+        self.h_base = torch.zeros(bucket, dtype=torch.int64, pin_memory=pin)
+        self.ids = torch.zeros(bucket, dtype=torch.int64, device=dev)
+        self.i32 = torch.zeros((3, bucket), dtype=torch.int32, device=dev)
+        self.base = torch.zeros(bucket, dtype=torch.int64, device=dev)
+        self.pad = backend.make_cache(cfg.num_hidden_layers, self.hkv, self.d, 1)  # where padding rows write
+        self.x = torch.zeros((bucket, cfg.hidden_size), dtype=torch.float32, device=dev)
+        self.q = torch.zeros((bucket, self.hq * self.d), dtype=torch.float32, device=dev)
+        self.scratch: dict = {}
+        self.kv_f32 = self.pad.kv.dtype == torch.float32
+        self.graph = None
+        self.logits = None
+        self.runs = 0
+
+    def run(self, ids: np.ndarray, segments) -> np.ndarray:
+        n = len(segments)
+        for s in segments:
+            if not isinstance(s.cache, CudaKVCache) or s.cache.kv.dtype != self.pad.kv.dtype:
+                raise ValueError("every cache of a decode step must come from this backend's make_cache")
+            if s.start + 1 > s.cache.max_len:
+                raise ValueError(f"context full: {s.start} + 1 tokens > {s.cache.max_len}")
+        self.h_ids[:n] = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+        self.h_ids[n:] = 0
+        starts = [s.start for s in segments] + [0] * (self.bucket - n)
+        caches = [s.cache for s in segments] + [self.pad] * (self.bucket - n)
+        self.h_i32[0] = torch.tensor(starts, dtype=torch.int32)
+        self.h_i32[1] = self.h_i32[0] + 1
+        self.h_i32[2] = torch.tensor([c.max_len for c in caches], dtype=torch.int32)
+        self.h_base.copy_(torch.tensor([c.kv.data_ptr() for c in caches], dtype=torch.int64))
+        self.ids.copy_(self.h_ids, non_blocking=True)
+        self.i32.copy_(self.h_i32, non_blocking=True)
+        self.base.copy_(self.h_base, non_blocking=True)
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.be.graphs and self.runs >= 1:
+            self._capture()
+            self.graph.replay()
+        else:
+            self.logits = self.body()
+        self.runs += 1
+        out = self.logits[:n].cpu().numpy()
+        return out
+
+    def _capture(self) -> None:
+        torch.cuda.synchronize(self.be.device)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            self.logits = self.body()
+        self.graph = g
+
+    def body(self) -> torch.Tensor:
+        """The whole decode step on the static inputs (eager, or recorded into the graph)."""
+        be, cfg, eps = self.be, self.cfg, float(self.cfg.rms_norm_eps)
+        net = self.net
+        pos, lengths, maxlen = self.i32[0], self.i32[1], self.i32[2]
+        x = self.x
+        x.copy_(net.embed.table.index_select(0, self.ids))
+        qkv = dict(q_out=self.q, cos=self.cos, sin=self.sin, pos=pos, base=self.base, maxlen=maxlen,
+                   hq=self.hq, hkv=self.hkv, head_dim=self.d, kv_f32=self.kv_f32)
+        q3 = self.q.view(self.bucket, self.hq, self.d)
+        fused_qkv = self.bucket <= K.GEMV_MAX_TOKENS  # RoPE + KV append in the gemv epilogue
+        for i, p in enumerate(self.plans):
+            if fused_qkv:
+                K.matmul(x, p.qkv, norm=p.in_norm, eps=eps, quant=self.act8, qkv=dict(qkv, layer=i))
+            else:
+                y = K.matmul(x, p.qkv, norm=p.in_norm, eps=eps, quant=self.act8)
+                K.rope_append(y, self.q, self.cos, self.sin, pos, self.base, maxlen, i, self.hq, self.hkv, self.d,
+                              self.kv_f32)
+            a = K.decode_attention_tables(q3, self.base, maxlen, lengths, i, self.hkv, self.splits,
+                                          scratch=self.scratch, kv_f32=self.kv_f32)
+            K.matmul(a, p.o, norm=p.attn_sub_norm, eps=eps, quant=self.act8, out=x, residual=True)
+            m = K.matmul(x, p.gate_up, norm=p.post_norm, eps=eps, quant=self.act8, glu=p.act)
+            K.matmul(m, p.down, norm=p.ffn_sub_norm, eps=eps, quant=self.act8, out=x, residual=True)
+        head = be._int8_head(net.lm_head) if be.lm_head == "int8" else net.lm_head.matrix
+        return K.matmul(x, head, norm=net.norm.weight, eps=float(net.norm.eps), quant=be.lm_head == "int8")

@@ -1,0 +1,648 @@
+"""Triton kernels of the `cuda` backend, and the Python launchers that size their grids.
+
+Portable Triton only (no inline assembly), so Triton's AMD backend can compile them too. Conventions:
+
+- Ternary weights stay in the loaders' layout, viewed as int32 words: word ``j`` of row ``n`` holds the 2-bit
+  codes (t + 1) of inputs ``16 j .. 16 j + 15`` in bits ``2 i`` (the packed uint8 bytes, little-endian, rows
+  padded to whole words with code 1 = zero). Scales are float32 ``[C, out]`` (one row per input-column group).
+- int8 activations: per-token absmax, ``s = 127 / max(|x|, 1e-5)``, ``q = round_half_even(x s)`` clamped to
+  [-128, 127], exactly ``numpy_ref.act_quant``. Dot products accumulate in int32 (integer-exact against the
+  reference: ``sum((code - 1) q) = sum(code q) - sum(q)``) and one float rescale ``acc / s * scale`` follows.
+- KV caches are float16 ``[layers, 2, max_len, Hkv, D]`` per sequence; batched decode kernels find each
+  sequence's cache through a table of base addresses, so one CUDA graph serves any set of sequences.
+
+Kernel families: ``gemv`` (1-16 tokens, CUDA cores, weights unpacked in registers and reused across tokens,
+with fused prologues (RMSNorm + quantization) and epilogues (residual add, gated activation, RoPE + KV append)),
+``gemm`` (more tokens: tensor-core ``tl.dot`` on unpacked int8 tiles), ``norm_quant``, split-KV decode
+attention + merge (optionally fused with the next RMSNorm + quantization), causal prefill attention, RoPE.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+# constexpr selectors
+W_TERNARY, W_INT8, W_FLOAT = 0, 1, 2
+EPI_STORE, EPI_RESIDUAL, EPI_GLU, EPI_QKV = 0, 1, 2, 3
+ACT_RELU2, ACT_SILU = 0, 1
+if os.environ.get("TRITON_INTERPRET") == "1":  # Triton's CPU interpreter (tests) has no libdevice.rint
+    _RNE = tl.constexpr(12582912.0)
+
+    @triton.jit
+    def _round_half_even(v):
+        return (v + _RNE) - _RNE  # 1.5 * 2**23: exact round-half-even for |v| < 2**22 in NumPy's float32
+else:
+    @triton.jit
+    def _round_half_even(v):
+        # rint, not the magic-number trick: the compiler may contract v = x * s into an FMA there, rounding the
+        # exact product instead of its float32 value as the reference does
+        return libdevice.rint(v)
+
+
+@triton.jit
+def _row_stats(x_ptr, nw_ptr, m, K, eps, NORM: tl.constexpr, QUANT: tl.constexpr, BK: tl.constexpr):
+    """For row m of x [M, K]: (den, s) with den = sqrt(mean(x^2) + eps) (1 without NORM) and the int8 scale
+    s = 127 / max(|y|, 1e-5) of y = (x / den) * w (1 without QUANT), the reference's order of operations."""
+    offs = tl.arange(0, BK)
+    rstd = 1.0
+    if NORM:
+        acc = tl.zeros([BK], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            x = tl.load(x_ptr + m * K + k0 + offs, mask=k0 + offs < K, other=0.0)
+            acc += x * x
+        rstd = tl.sqrt_rn(tl.sum(acc, 0) / K + eps)
+    s = 1.0
+    if QUANT:
+        amax = tl.zeros([BK], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            mask = k0 + offs < K
+            y = tl.load(x_ptr + m * K + k0 + offs, mask=mask, other=0.0)
+            if NORM:
+                y = (y / rstd) * tl.load(nw_ptr + k0 + offs, mask=mask, other=0.0)
+            amax = tl.maximum(amax, tl.abs(y))
+        s = 127.0 / tl.maximum(tl.max(amax, 0), 1e-5)
+    return rstd, s
+
+
+@triton.jit
+def _norm_quant_kernel(x_ptr, nw_ptr, q_ptr, s_ptr, y_ptr, K, eps,
+                       NORM: tl.constexpr, QUANT: tl.constexpr, BK: tl.constexpr):
+    """Row m: y = rmsnorm(x) (NORM) then, with QUANT, q = int8(y) and s; without QUANT y is stored in float."""
+    m = tl.program_id(0)
+    rstd, s = _row_stats(x_ptr, nw_ptr, m, K, eps, NORM, QUANT, BK)
+    offs = tl.arange(0, BK)
+    for k0 in range(0, K, BK):
+        mask = k0 + offs < K
+        y = tl.load(x_ptr + m * K + k0 + offs, mask=mask, other=0.0)
+        if NORM:
+            y = (y / rstd) * tl.load(nw_ptr + k0 + offs, mask=mask, other=0.0)
+        if QUANT:
+            q = tl.minimum(tl.maximum(_round_half_even(y * s), -128.0), 127.0)
+            tl.store(q_ptr + m * K + k0 + offs, q.to(tl.int8), mask=mask)
+        else:
+            tl.store(y_ptr + m * K + k0 + offs, y, mask=mask)
+    if QUANT:
+        tl.store(s_ptr + m, s)
+
+
+@triton.jit
+def _load_x(x_ptr, sx_ptr, nw_ptr, m, kk, K, rstd, s, XQ: tl.constexpr, NORM: tl.constexpr,
+            QUANT: tl.constexpr):
+    """Activations of row m at input indices kk (any shape): int32 quantized values (XQ or QUANT) or float32."""
+    mask = kk < K
+    if XQ:
+        r = tl.load(x_ptr + m * K + kk, mask=mask, other=0).to(tl.int32)
+    else:
+        x = tl.load(x_ptr + m * K + kk, mask=mask, other=0.0)
+        if NORM:
+            x = (x / rstd) * tl.load(nw_ptr + kk, mask=mask, other=0.0)
+        if QUANT:
+            r = tl.minimum(tl.maximum(_round_half_even(x * s), -128.0), 127.0).to(tl.int32)
+        else:
+            r = x
+    return r
+
+
+@triton.jit
+def _gemv_rows(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, rows, m, K, KW, N, C, G, rstd, s,
+               XQ: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr, WK: tl.constexpr,
+               BN: tl.constexpr, BKW: tl.constexpr):
+    """float32 [BN]: row m of x times weight rows ``rows``, scaled (per column group for ternary).
+
+    Ternary words hold input ``i * KW + j`` of word ``j`` in bits ``2 i`` (16 strips of KW inputs), so the
+    activations each bit position meets are contiguous. Codes (t + 1) multiply the activations and
+    ``sum(x)`` is subtracted once: sum((c - 1) x) = sum(c x) - sum(x)."""
+    INT: tl.constexpr = XQ or QUANT
+    out = tl.zeros([BN], dtype=tl.float32)
+    if XQ:
+        s = tl.load(sx_ptr + m)
+    rmask = rows < N
+    for g in range(0, C):
+        lo = g * G
+        if WK == 0:
+            jb = tl.arange(0, BKW)
+            if INT:
+                acc2 = tl.zeros([BN, BKW], dtype=tl.int32)
+                xs = tl.zeros([BKW], dtype=tl.int32)
+            else:
+                acc2 = tl.zeros([BN, BKW], dtype=tl.float32)
+                xs = tl.zeros([BKW], dtype=tl.float32)
+            for j0 in range(0, KW, BKW):
+                j = j0 + jb
+                words = tl.load(w_ptr + rows[:, None] * KW + j[None, :], mask=rmask[:, None] & (j[None, :] < KW),
+                                other=0)
+                for i in tl.static_range(16):
+                    kk = i * KW + j
+                    x = _load_x(x_ptr, sx_ptr, nw_ptr, m, kk, K, rstd, s, XQ, NORM, QUANT)
+                    x = tl.where((j < KW) & (kk >= lo) & (kk < lo + G), x, 0)
+                    acc2 += ((words >> (2 * i)) & 3) * x[None, :]
+                    xs += x
+            acc = tl.sum(acc2, 1) - tl.sum(xs, 0)
+        else:
+            kb = tl.arange(0, BKW)
+            if INT:
+                acc2 = tl.zeros([BN, BKW], dtype=tl.int32)
+            else:
+                acc2 = tl.zeros([BN, BKW], dtype=tl.float32)
+            for k0 in range(0, K, BKW):
+                kk = k0 + kb
+                x = _load_x(x_ptr, sx_ptr, nw_ptr, m, kk, K, rstd, s, XQ, NORM, QUANT)
+                w = tl.load(w_ptr + rows[:, None] * K + kk[None, :], mask=rmask[:, None] & (kk[None, :] < K), other=0)
+                if INT:
+                    acc2 += w.to(tl.int32) * x[None, :]
+                else:
+                    acc2 += w.to(tl.float32) * x[None, :]
+            acc = tl.sum(acc2, 1)
+        scale = tl.load(sc_ptr + g * N + rows, mask=rmask, other=0.0)
+        if INT:
+            out += (acc.to(tl.float32) / s) * scale
+        else:
+            out += acc * scale
+    return out
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, M, K, KW, N, C, G, eps,
+                 # EPI_QKV: q out, RoPE tables, positions, cache tables
+                 q_out_ptr, cos_ptr, sin_ptr, pos_ptr, base_ptr, maxlen_ptr, layer, HQ, HKV,
+                 XQ: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr, WK: tl.constexpr,
+                 EPI: tl.constexpr, ACT: tl.constexpr, PAIR: tl.constexpr, HALF_D: tl.constexpr,
+                 KVF32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, BK: tl.constexpr):
+    """y[m, n] = x[m] . W[n] for M <= BM tokens; the weight tile is unpacked once per block for all tokens.
+
+    EPI_STORE: out[m, n] = y. EPI_RESIDUAL: out[m, n] += y. EPI_GLU: rows n and n + PAIR (gate, up) ->
+    out[m, n] = act(gate) * up. EPI_QKV: rows n and n + HALF_D of one head: q heads are rotated (RoPE at
+    pos[m]) into q_out, k heads rotated and v heads copied into each sequence's float16 cache."""
+    pid = tl.program_id(0)
+    if EPI == 3:
+        per_head: tl.constexpr = HALF_D // BN
+        head = pid // per_head
+        rows = head * 2 * HALF_D + (pid % per_head) * BN + tl.arange(0, BN)
+    else:
+        rows = pid * BN + tl.arange(0, BN)
+    for mi in tl.static_range(BM):
+        if mi < M:
+            rstd, s = _row_stats(x_ptr, nw_ptr, mi, K, eps, NORM, QUANT, BK)
+            y = _gemv_rows(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, rows, mi, K, KW, N, C, G, rstd, s,
+                           XQ, NORM, QUANT, WK, BN, BKW)
+            if EPI == 0:
+                tl.store(out_ptr + mi * N + rows, y, mask=rows < N)
+            elif EPI == 1:
+                r = tl.load(out_ptr + mi * N + rows, mask=rows < N, other=0.0)
+                tl.store(out_ptr + mi * N + rows, r + y, mask=rows < N)
+            else:
+                y2 = _gemv_rows(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, rows + PAIR, mi, K, KW, N, C, G, rstd,
+                                s, XQ, NORM, QUANT, WK, BN, BKW)
+                if EPI == 2:
+                    if ACT == 0:
+                        g = tl.maximum(y, 0.0)
+                        a = g * g
+                    else:
+                        a = y / (1.0 + tl.exp(-y))
+                    tl.store(out_ptr + mi * PAIR + rows, a * y2, mask=rows < PAIR)
+                else:
+                    d = rows % (2 * HALF_D)  # 0 .. HALF_D-1 (first half of the head)
+                    pos = tl.load(pos_ptr + mi)
+                    if head < HQ + HKV:
+                        c = tl.load(cos_ptr + pos * HALF_D + d)
+                        sn = tl.load(sin_ptr + pos * HALF_D + d)
+                        lo = y * c - y2 * sn
+                        hi = y2 * c + y * sn
+                    else:
+                        lo = y
+                        hi = y2
+                    if head < HQ:
+                        qo = q_out_ptr + mi * HQ * 2 * HALF_D + head * 2 * HALF_D + d
+                        tl.store(qo, lo)
+                        tl.store(qo + HALF_D, hi)
+                    else:
+                        if KVF32:
+                            base = tl.load(base_ptr + mi).to(tl.pointer_type(tl.float32))
+                        else:
+                            base = tl.load(base_ptr + mi).to(tl.pointer_type(tl.float16))
+                        maxlen = tl.load(maxlen_ptr + mi).to(tl.int64)
+                        kv = (head >= HQ + HKV).to(tl.int64)
+                        h = head - HQ - kv * HKV
+                        off = ((layer * 2 + kv) * maxlen + pos) * HKV * 2 * HALF_D + h * 2 * HALF_D + d
+                        tl.store(base + off, lo.to(base.dtype.element_ty))
+                        tl.store(base + off + HALF_D, hi.to(base.dtype.element_ty))
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, sx_ptr, w_ptr, sc_ptr, out_ptr, M, K, KW, N, C, G,
+                 XQ: tl.constexpr, WK: tl.constexpr, RESIDUAL: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr):
+    """Tensor-core tiles for many tokens: int8 x int8 -> int32 (XQ) or float32 IEEE (x float32). Ternary
+    tiles are unpacked one bit-strip at a time: strip i of words [BN, BKW] meets inputs i * KW + j."""
+    pm, pn = tl.program_id(0), tl.program_id(1)
+    rm = pm * BM + tl.arange(0, BM)
+    rn = pn * BN + tl.arange(0, BN)
+    jb = tl.arange(0, BKW)
+    mmask = rm < M
+    nmask = rn < N
+    out = tl.zeros([BM, BN], dtype=tl.float32)
+    if XQ:
+        sx = tl.load(sx_ptr + rm, mask=mmask, other=1.0)
+    for g in range(0, C):
+        lo = g * G
+        if XQ:
+            acc = tl.zeros([BM, BN], dtype=tl.int32)
+        else:
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
+        if WK == 0:
+            for j0 in range(0, KW, BKW):
+                j = j0 + jb
+                words = tl.load(w_ptr + rn[:, None] * KW + j[None, :], mask=nmask[:, None] & (j[None, :] < KW),
+                                other=0x55555555)
+                for i in tl.static_range(16):
+                    kk = i * KW + j
+                    xm = mmask[:, None] & ((j < KW) & (kk < K) & (kk >= lo) & (kk < lo + G))[None, :]
+                    t = ((words >> (2 * i)) & 3) - 1
+                    if XQ:
+                        x = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=xm, other=0)
+                        acc += tl.dot(x, tl.trans(t.to(tl.int8)))
+                    else:
+                        x = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=xm, other=0.0)
+                        acc += tl.dot(x, tl.trans(t.to(tl.float32)), input_precision="ieee")
+        else:
+            for k0 in range(0, K, BKW):
+                kk = k0 + jb
+                xm = mmask[:, None] & (kk[None, :] < K)
+                w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=nmask[:, None] & (kk[None, :] < K), other=0)
+                if XQ:
+                    x = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=xm, other=0)
+                    acc += tl.dot(x, tl.trans(w.to(tl.int8)))
+                else:
+                    x = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=xm, other=0.0)
+                    acc += tl.dot(x, tl.trans(w.to(tl.float32)), input_precision="ieee")
+        scale = tl.load(sc_ptr + g * N + rn, mask=nmask, other=0.0)
+        if XQ:
+            out += (acc.to(tl.float32) / sx[:, None]) * scale[None, :]
+        else:
+            out += acc * scale[None, :]
+    omask = mmask[:, None] & nmask[None, :]
+    optr = out_ptr + rm[:, None] * N + rn[None, :]
+    if RESIDUAL:
+        out += tl.load(optr, mask=omask, other=0.0)
+    tl.store(optr, out, mask=omask)
+
+
+@triton.jit
+def _decode_attn_kernel(q_ptr, base_ptr, maxlen_ptr, len_ptr, part_o_ptr, part_ml_ptr, layer, scale,
+                        HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GP: tl.constexpr,
+                        SPLITS: tl.constexpr, BLOCK: tl.constexpr, KVF32: tl.constexpr):
+    """One (sequence b, kv head h, split s): the group's GP (>= 16, padded) query heads over positions
+    [s * chunk, (s + 1) * chunk) of the first len[b]; partial output and (max, sum) for the merge."""
+    b, h, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    GROUP: tl.constexpr = HQ // HKV
+    n = tl.load(len_ptr + b)
+    chunk = tl.cdiv(tl.cdiv(n, SPLITS), BLOCK) * BLOCK
+    lo = sp * chunk
+    hi = tl.minimum(lo + chunk, n)
+    if KVF32:
+        base = tl.load(base_ptr + b).to(tl.pointer_type(tl.float32))
+    else:
+        base = tl.load(base_ptr + b).to(tl.pointer_type(tl.float16))
+    maxlen = tl.load(maxlen_ptr + b).to(tl.int64)
+    k_base = base + (layer * 2 * maxlen) * HKV * D + h * D
+    v_base = k_base + maxlen * HKV * D
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    qmask = g[:, None] < GROUP
+    q = tl.load(q_ptr + (b * HQ + h * GROUP + g[:, None]) * D + d[None, :], mask=qmask, other=0.0)
+    q = q * scale
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], dtype=tl.float32)
+    acc = tl.zeros([GP, D], dtype=tl.float32)
+    for p0 in range(lo, hi, BLOCK):
+        p = p0 + tl.arange(0, BLOCK)
+        pmask = p < hi
+        k = tl.load(k_base + p[:, None] * HKV * D + d[None, :], mask=pmask[:, None], other=0.0).to(tl.float32)
+        sc = tl.dot(q, tl.trans(k), input_precision="ieee")  # float32 math whatever the cache stores
+        sc = tl.where(pmask[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        alpha = tl.exp(m_i - m_new)
+        pr = tl.exp(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(pr, 1)
+        v = tl.load(v_base + p[:, None] * HKV * D + d[None, :], mask=pmask[:, None], other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(pr, v, input_precision="ieee")
+        m_i = m_new
+    row = (b * HQ + h * GROUP + g) * SPLITS + sp
+    tl.store(part_o_ptr + row[:, None] * D + d[None, :], acc, mask=qmask)
+    tl.store(part_ml_ptr + row * 2, m_i, mask=g < GROUP)
+    tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=g < GROUP)
+
+
+@triton.jit
+def _merge_kernel(part_o_ptr, part_ml_ptr, out_ptr, D: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr):
+    """Program (sequence b, query head h): log-sum-exp merge of the head's split partials -> out [D]."""
+    row0 = tl.program_id(0) * SPLITS  # rows of (b * HQ + h) * SPLITS + split
+    ss = tl.arange(0, SP)
+    d = tl.arange(0, D)
+    smask = ss < SPLITS
+    m = tl.load(part_ml_ptr + (row0 + ss) * 2, mask=smask, other=float("-inf"))
+    l = tl.load(part_ml_ptr + (row0 + ss) * 2 + 1, mask=smask, other=0.0)
+    mmax = tl.max(m, 0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - mmax))
+    o = tl.load(part_o_ptr + (row0 + ss[:, None]) * D + d[None, :], mask=smask[:, None], other=0.0)
+    o = tl.sum(o * w[:, None], 0) / tl.sum(w * l, 0)
+    tl.store(out_ptr + tl.program_id(0) * D + d, o)
+
+
+@triton.jit
+def _rope_append_kernel(qkv_ptr, q_out_ptr, cos_ptr, sin_ptr, pos_ptr, base_ptr, maxlen_ptr, layer,
+                        HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, KVF32: tl.constexpr):
+    """Decode, many sequences: program (b, head) of a fused q/k/v row: RoPE q into q_out, RoPE k and copy v
+    into sequence b's cache at pos[b] (the gemv's EPI_QKV epilogue, for the tensor-core path)."""
+    b, head = tl.program_id(0), tl.program_id(1)
+    D: tl.constexpr = 2 * HALF
+    d = tl.arange(0, HALF)
+    src = qkv_ptr + (b * (HQ + 2 * HKV) + head) * D + d
+    lo = tl.load(src)
+    hi = tl.load(src + HALF)
+    pos = tl.load(pos_ptr + b)
+    if head < HQ + HKV:
+        c = tl.load(cos_ptr + pos * HALF + d)
+        sn = tl.load(sin_ptr + pos * HALF + d)
+        lo, hi = lo * c - hi * sn, hi * c + lo * sn
+    if head < HQ:
+        tl.store(q_out_ptr + (b * HQ + head) * D + d, lo)
+        tl.store(q_out_ptr + (b * HQ + head) * D + d + HALF, hi)
+    else:
+        if KVF32:
+            base = tl.load(base_ptr + b).to(tl.pointer_type(tl.float32))
+        else:
+            base = tl.load(base_ptr + b).to(tl.pointer_type(tl.float16))
+        maxlen = tl.load(maxlen_ptr + b).to(tl.int64)
+        kv = (head >= HQ + HKV).to(tl.int64)
+        h = head - HQ - kv * HKV
+        off = ((layer * 2 + kv) * maxlen + pos) * HKV * D + h * D + d
+        tl.store(base + off, lo.to(base.dtype.element_ty))
+        tl.store(base + off + HALF, hi.to(base.dtype.element_ty))
+
+
+@triton.jit
+def _prefill_attn_kernel(q_ptr, k_ptr, v_ptr, out_ptr, T, start, scale, stride_kv,
+                         HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                         BM: tl.constexpr, BLOCK: tl.constexpr, KVF32: tl.constexpr):
+    """Causal flash attention for T new queries at positions start.. over a float16 cache [max_len, HKV, D]."""
+    pm, hq = tl.program_id(0), tl.program_id(1)
+    h = hq // (HQ // HKV)
+    t = pm * BM + tl.arange(0, BM)
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + (t[:, None] * HQ + hq) * D + d[None, :], mask=t[:, None] < T, other=0.0)
+    q = q * scale
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, D], dtype=tl.float32)
+    qpos = start + t
+    hi = tl.minimum(start + pm * BM + BM, start + T)
+    for p0 in range(0, hi, BLOCK):
+        p = p0 + tl.arange(0, BLOCK)
+        k = tl.load(k_ptr + (p[:, None] * stride_kv + h * D) + d[None, :], mask=p[:, None] < hi,
+                    other=0.0).to(tl.float32)
+        sc = tl.dot(q, tl.trans(k), input_precision="ieee")
+        ok = (p[None, :] <= qpos[:, None]) & (p[None, :] < hi)
+        sc = tl.where(ok, sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        pr = tl.exp(sc - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(pr, 1)
+        v = tl.load(v_ptr + (p[:, None] * stride_kv + h * D) + d[None, :], mask=p[:, None] < hi,
+                    other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(pr, v, input_precision="ieee")
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + (t[:, None] * HQ + hq) * D + d[None, :], out, mask=t[:, None] < T)
+
+
+@triton.jit
+def _rope_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, H, HALF: tl.constexpr, HP: tl.constexpr):
+    """x [T, H, 2 HALF] rotate-half RoPE at pos[t] -> out."""
+    t = tl.program_id(0)
+    h = tl.arange(0, HP)
+    d = tl.arange(0, HALF)
+    mask = h[:, None] < H
+    pos = tl.load(pos_ptr + t)
+    c = tl.load(cos_ptr + pos * HALF + d)[None, :]
+    s = tl.load(sin_ptr + pos * HALF + d)[None, :]
+    base = (t * H + h[:, None]) * 2 * HALF + d[None, :]
+    lo = tl.load(x_ptr + base, mask=mask, other=0.0)
+    hi = tl.load(x_ptr + base + HALF, mask=mask, other=0.0)
+    tl.store(out_ptr + base, lo * c - hi * s, mask=mask)
+    tl.store(out_ptr + base + HALF, hi * c + lo * s, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# launchers
+
+GEMV_MAX_TOKENS = 4
+FUSE_PROLOGUE_MAX_WORDS = 256  # fuse RMSNorm + quantization into ternary gemvs with K <= 4096
+_DUMMY: dict = {}
+
+
+def _dummy(device) -> torch.Tensor:
+    key = str(device)
+    if key not in _DUMMY:
+        _DUMMY[key] = torch.zeros(16, dtype=torch.float32, device=device)
+    return _DUMMY[key]
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+class Matrix:
+    """A weight as the kernels read it: ``data`` (int32 words [N, KW] for ternary, int8 or float16/bfloat16
+    [N, K]), ``scales`` float32 [C, N] (C column groups of G inputs each)."""
+
+    def __init__(self, kind: int, data: torch.Tensor, scales: torch.Tensor, n: int, k: int, groups: int = 1):
+        self.kind, self.data, self.scales, self.n, self.k = kind, data, scales, n, k
+        self.c = groups
+        self.g = k // groups
+        self.kw = data.shape[1] if kind == W_TERNARY else k
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size() + self.scales.numel() * 4
+
+
+def norm_quant(x: torch.Tensor, weight: torch.Tensor | None, eps: float, quant: bool = True):
+    """x float32 [M, K] -> (q int8 [M, K], s float32 [M]) with quant, else the normalized float32 rows."""
+    m, k = x.shape
+    dev = x.device
+    d = _dummy(dev)
+    bk = min(1024, _pow2(k))
+    if quant:
+        q = torch.empty((m, k), dtype=torch.int8, device=dev)
+        s = torch.empty((m,), dtype=torch.float32, device=dev)
+        _norm_quant_kernel[(m,)](x, weight if weight is not None else d, q, s, d, k, eps,
+                                 NORM=weight is not None, QUANT=True, BK=bk)
+        return q, s
+    y = torch.empty_like(x)
+    _norm_quant_kernel[(m,)](x, weight, d, d, y, k, eps, NORM=True, QUANT=False, BK=bk)
+    return y
+
+
+def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor | None = None, eps: float = 0.0,
+           quant: bool = False, out: torch.Tensor | None = None, residual: bool = False,
+           glu: int | None = None, qkv: dict | None = None) -> torch.Tensor:
+    """y = x @ W.T (scaled), x float32 [M, K] (or int8 with its scales ``sx``).
+
+    ``norm``: RMSNorm x first (its weight); ``quant``: then quantize per token to int8 (fused into the matmul
+    for up to GEMV_MAX_TOKENS tokens, its own kernel for more). ``residual``: add into ``out`` in place.
+    ``glu``: ACT_RELU2 / ACT_SILU of W's two row halves (gate, up) -> [M, N/2]. ``qkv``: RoPE + KV append
+    epilogue (decode only; see ``_gemv_kernel``)."""
+    m = x.shape[0]
+    dev = x.device
+    d = _dummy(dev)
+    xq = sx is not None
+    n_out = w.n // 2 if glu is not None else w.n
+    if m > GEMV_MAX_TOKENS:
+        if qkv is not None:
+            raise ValueError("the fused RoPE + KV append epilogue is for decode steps")
+        if not xq and (norm is not None or quant):
+            xn = norm_quant(x, norm, eps, quant=quant)
+            x, sx, xq = (xn[0], xn[1], True) if quant else (xn, None, False)
+        y = out if (residual and glu is None) else torch.empty((m, w.n), dtype=torch.float32, device=dev)
+        bm = 64 if m > 32 else 32
+        grid = (triton.cdiv(m, bm), triton.cdiv(w.n, 64))
+        _gemm_kernel[grid](x, sx if xq else d, w.data, w.scales, y, m, w.k, w.kw, w.n, w.c, w.g,
+                           XQ=xq, WK=w.kind, RESIDUAL=residual and glu is None, BM=bm, BN=64,
+                           BKW=32 if w.kind == W_TERNARY else 64, num_warps=4, num_stages=2)
+        if glu is None:
+            return y
+        g, u = y[:, :n_out], y[:, n_out:]
+        a = torch.square(torch.clamp_min(g, 0)) if glu == ACT_RELU2 else g / (1.0 + torch.exp(-g))
+        if out is None:
+            return a * u
+        return out.copy_(a * u)
+    if not xq and norm is not None and (w.kind != W_TERNARY or w.kw > FUSE_PROLOGUE_MAX_WORDS):
+        # every program would redo the row's normalization: for long rows (down_proj) and the lm_head's
+        # thousands of programs one norm (+ quantization) kernel first is cheaper
+        xn = norm_quant(x, norm, eps, quant=quant)
+        return matmul(xn[0], w, sx=xn[1], out=out, residual=residual, glu=glu, qkv=qkv) if quant else \
+            matmul(xn, w, out=out, residual=residual, glu=glu, qkv=qkv)
+    epi = EPI_QKV if qkv is not None else EPI_GLU if glu is not None else EPI_RESIDUAL if residual else EPI_STORE
+    if out is None:
+        if residual:
+            raise ValueError("residual=True adds into out: pass it")
+        out = torch.empty((m, n_out), dtype=torch.float32, device=dev) if epi != EPI_QKV else d
+    if w.kind == W_TERNARY:  # a whole row block per program: all its loads in flight at once
+        bkw = min(512, _pow2(w.kw))
+        bn = max(2, 2048 // bkw)
+    else:
+        bkw, bn = 256, 8
+    if epi == EPI_QKV:
+        bn = min(bn, qkv["head_dim"] // 2)
+        grid = (w.n // 2 // bn,)
+    else:
+        grid = (triton.cdiv(n_out, bn),)
+    q = qkv or {}
+    _gemv_kernel[grid](
+        x, sx if xq else d, norm if norm is not None else d, w.data, w.scales, out, m, w.k, w.kw, w.n, w.c, w.g,
+        eps, q.get("q_out", d), q.get("cos", d), q.get("sin", d), q.get("pos", d), q.get("base", d),
+        q.get("maxlen", d), q.get("layer", 0), q.get("hq", 1), q.get("hkv", 1),
+        XQ=xq, NORM=norm is not None, QUANT=quant and not xq, WK=w.kind, EPI=epi, ACT=glu or 0,
+        PAIR=n_out if epi == EPI_GLU else q.get("head_dim", 2) // 2, HALF_D=q.get("head_dim", 2) // 2, KVF32=q.get("kv_f32", False),
+        BM=_pow2(m), BN=bn, BKW=bkw, BK=min(1024, _pow2(w.k)), num_warps=4)
+    return out
+
+
+def choose_splits(batch: int, hkv: int, max_ctx: int, sms: int) -> int:
+    """Enough (sequence, kv head, split) programs to fill the SMs twice, each split >= 64 positions."""
+    want = max(1, (2 * sms) // max(1, batch * hkv))
+    return max(1, min(want, 16, max(1, max_ctx // 64)))
+
+
+def decode_attention_tables(q: torch.Tensor, base: torch.Tensor, maxlen: torch.Tensor, lengths: torch.Tensor,
+                            layer: int, hkv: int, splits: int, *, scratch: dict | None = None,
+                            kv_f32: bool = False) -> torch.Tensor:
+    """Split-KV decode attention for B sequences (one query token each) whose caches are found through
+    ``base`` (int64 addresses of [L, 2, max_len, Hkv, D] caches), ``maxlen`` and ``lengths`` (int32).
+    q float32 [B, Hq, D] (already rotated) -> float32 [B, Hq * D]: the split kernel writes each split's
+    partial output and (max, sum), the merge kernel combines them with log-sum-exp."""
+    b, hq, d = q.shape
+    dev = q.device
+    gp = max(16, _pow2(hq // hkv))
+    scr = scratch if scratch is not None else {}
+    if scr.get("po") is None or scr["po"].shape[0] < b * hq * splits:
+        scr["po"] = torch.empty((b * hq * splits, d), dtype=torch.float32, device=dev)
+        scr["pml"] = torch.empty((b * hq * splits, 2), dtype=torch.float32, device=dev)
+    _decode_attn_kernel[(b, hkv, splits)](q, base, maxlen, lengths, scr["po"], scr["pml"], layer, d ** -0.5,
+                                          HQ=hq, HKV=hkv, D=d, GP=gp, SPLITS=splits, BLOCK=64, KVF32=kv_f32,
+                                          num_warps=4)
+    out = torch.empty((b, hq * d), dtype=torch.float32, device=dev)
+    _merge_kernel[(b * hq,)](scr["po"], scr["pml"], out, D=d, SPLITS=splits, SP=max(2, _pow2(splits)),
+                             num_warps=2)
+    return out
+
+
+def rope_append(qkv: torch.Tensor, q_out: torch.Tensor, cos, sin, pos, base, maxlen, layer: int, hq: int,
+                hkv: int, head_dim: int, kv_f32: bool) -> None:
+    """Decode: RoPE + KV append for a fused q/k/v output [B, (Hq + 2 Hkv) * D] (see _rope_append_kernel)."""
+    _rope_append_kernel[(qkv.shape[0], hq + 2 * hkv)](qkv, q_out, cos, sin, pos, base, maxlen, layer, HQ=hq,
+                                                        HKV=hkv, HALF=head_dim // 2, KVF32=kv_f32, num_warps=1)
+
+
+def stack_kv(k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """k, v [B, max_len, Hkv, D] -> the kernels' cache layout [B, 1 layer, 2, max_len, Hkv, D] (a copy)."""
+    return torch.stack([k_cache, v_cache], dim=1).unsqueeze(1).contiguous()
+
+
+def decode_attention_kv(q: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor,
+                        num_splits: int | None = None) -> torch.Tensor:
+    """Split-KV decode attention over caches in the kernels' layout (``stack_kv``): q float32 [B, Hq, D],
+    lengths int32 [B] -> float32 [B, Hq, D]. ``num_splits=1`` is the one-block-per-(sequence, kv head) kernel;
+    None chooses the split count from the SM count."""
+    b, hq, d = q.shape
+    max_len, hkv = kv.shape[3], kv.shape[4]
+    base = torch.tensor([kv[i].data_ptr() for i in range(b)], dtype=torch.int64, device=q.device)
+    maxlen = torch.full((b,), max_len, dtype=torch.int32, device=q.device)
+    if num_splits is None:
+        num_splits = choose_splits(b, hkv, int(lengths.max()), sm_count(q.device))
+    out = decode_attention_tables(q.contiguous(), base, maxlen, lengths.to(torch.int32), 0, hkv, num_splits,
+                                  kv_f32=kv.dtype == torch.float32)
+    return out.view(b, hq, d)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+                     num_splits: int | None = None) -> torch.Tensor:
+    """``decode_attention_kv`` on k, v [B, max_len, Hkv, D] (float16 or float32), copied into the layout."""
+    return decode_attention_kv(q, stack_kv(k_cache, v_cache), lengths, num_splits)
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int) -> torch.Tensor:
+    """q float32 [T, Hq, D] at positions start..start+T-1; k/v float16 [max_len, Hkv, D] holding them."""
+    t, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    out = torch.empty((t, hq, d), dtype=torch.float32, device=q.device)
+    bm = 64 if t > 32 else 16
+    _prefill_attn_kernel[(triton.cdiv(t, bm), hq)](q.contiguous(), k_cache, v_cache, out, t, start, d ** -0.5,
+                                                   hkv * d, HQ=hq, HKV=hkv, D=d, BM=bm, BLOCK=64,
+                                                   KVF32=k_cache.dtype == torch.float32, num_warps=4)
+    return out
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    t, h, d = x.shape
+    out = torch.empty_like(x)
+    _rope_kernel[(t,)](x.contiguous(), out, cos, sin, pos, h, HALF=d // 2, HP=max(2, _pow2(h)))
+    return out
+
+
+def sm_count(device) -> int:
+    if torch.device(device).type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def log2_ceil(n: int) -> int:
+    return int(math.ceil(math.log2(max(1, n))))

@@ -1,0 +1,327 @@
+"""The `cuda` backend (Triton kernels, fused CUDA-graph decode) against the NumPy reference.
+
+Runs on a GPU. Without one the module is skipped, unless ONEBIT_TRITON_INTERPRET=1 asks for Triton's CPU
+interpreter (slow: minutes; for developing kernels on a machine without a GPU; no CUDA graphs there).
+Every input is fresh and random; shapes are odd on purpose (rows and columns not multiples of the tiles).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from onebit.config import ModelConfig
+from onebit.kernels.numpy_ref import NumpyBackend, act_quant, int_dot, rmsnorm
+from onebit.kernels.numpy_ref import rope as np_rope
+from onebit.kernels.triton import CudaBackend
+from onebit.models import build_model
+from onebit.synth import random_weights
+from onebit.weights.packing import TernaryWeight
+
+if CudaBackend.is_available():
+    DEVICE = "cuda"
+elif os.environ.get("ONEBIT_TRITON_INTERPRET") == "1":
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    DEVICE = "cpu"
+else:
+    pytest.skip("no GPU here (ONEBIT_TRITON_INTERPRET=1 runs these under Triton's CPU interpreter)",
+                allow_module_level=True)
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+from onebit.kernels.triton import kernels as K  # noqa: E402
+from onebit.kernels.triton.backend import TritonCudaBackend  # noqa: E402
+
+SMALL = dict(vocab_size=261, hidden_size=192, intermediate_size=333, num_hidden_layers=2,
+             num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=256, rope_theta=10000.0)
+CONFIGS = {
+    "bitnet-int8": ModelConfig.from_dict(dict(SMALL, arch="bitnet", hidden_act="relu2", act_bits=8)),
+    "llama-f32act": ModelConfig.from_dict(dict(SMALL, arch="llama", hidden_act="silu", act_bits=None,
+                                               tie_word_embeddings=False, num_key_value_heads=3)),
+}
+BOUND = {"bitnet-int8": 3e-2, "llama-f32act": 1e-4}
+
+
+def rng():
+    return np.random.default_rng()
+
+
+def backend(**kw) -> TritonCudaBackend:
+    return TritonCudaBackend(device=DEVICE, **kw)
+
+
+def dev(a) -> "torch.Tensor":
+    return torch.from_numpy(np.ascontiguousarray(a)).to(DEVICE)
+
+
+def host(t) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def random_ternary(n: int, k: int, scales=1.0) -> TernaryWeight:
+    return TernaryWeight.from_ternary(rng().integers(-1, 2, (n, k)), scales)
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+
+@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("n,k", [(37, 333), (64, 1000), (5, 16)])
+def test_ternary_matmul_is_integer_exact(m, n, k):
+    """Scales of 1 make the output the int32 accumulator itself: identical to the reference's."""
+    w = random_ternary(n, k)
+    xq = rng().integers(-128, 128, (m, k)).astype(np.int8)
+    got = K.matmul(dev(xq), backend().prepare_ternary(w), sx=dev(np.ones(m, np.float32)))
+    np.testing.assert_array_equal(host(got), int_dot(xq, w.ternary()).astype(np.float32))
+
+
+@pytest.mark.parametrize("m", [1, 33])
+@pytest.mark.parametrize("grid", ["one", "rows", "columns", "blocks"])
+@pytest.mark.parametrize("act_bits", [8, None])
+def test_ternary_matmul_scale_grids_match_reference(m, grid, act_bits):
+    n, k = 48, 512
+    shape = {"one": (1, 1), "rows": (4, 1), "columns": (1, 2), "blocks": (n, k // 256)}[grid]
+    w = random_ternary(n, k, rng().uniform(0.5, 2.0, shape).astype(np.float32))
+    x = rng().standard_normal((m, k)).astype(np.float32)
+    ref = NumpyBackend()
+    want = ref.ternary_matmul(x, ref.prepare_ternary(w), act_bits)
+    got = host(backend().ternary_matmul(dev(x), backend().prepare_ternary(w), act_bits))
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("m,k", [(1, 192), (5, 333), (3, 2560)])
+def test_norm_quant_matches_reference(m, k):
+    x = (rng().standard_normal((m, k)) * 3).astype(np.float32)
+    wt = rng().uniform(0.5, 1.5, k).astype(np.float32)
+    q, s = K.norm_quant(dev(x), dev(wt), 1e-6)
+    want_q, want_s = act_quant(rmsnorm(x, wt, 1e-6))
+    np.testing.assert_allclose(host(s), want_s[:, 0], rtol=1e-6)
+    diff = np.abs(host(q).astype(int) - want_q.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3  # a float-rounding tie may land one step away
+    y = K.norm_quant(dev(x), dev(wt), 1e-6, quant=False)
+    np.testing.assert_allclose(host(y), rmsnorm(x, wt, 1e-6), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("m", [1, 4, 20])
+def test_fused_prologue_and_epilogues_equal_the_separate_kernels(m):
+    """RMSNorm + quantization in the matmul's prologue, residual add and gated activation in its epilogue give
+    exactly what norm_quant + matmul + torch ops give."""
+    k, inter = 192, 333
+    x = rng().standard_normal((m, k)).astype(np.float32)
+    nw = dev(rng().uniform(0.5, 1.5, k).astype(np.float32))
+    be = backend()
+    w = be.prepare_ternary(random_ternary(k, k, 0.7))
+    gu = be.prepare_ternary(random_ternary(2 * inter, k, 1.3))
+    q, s = K.norm_quant(dev(x), nw, 1e-5)
+    sep = K.matmul(q, w, sx=s)
+    fused = K.matmul(dev(x), w, norm=nw, eps=1e-5, quant=True)
+    torch.testing.assert_close(fused, sep, rtol=0, atol=0)
+    res = dev(x).clone()
+    K.matmul(dev(x), w, norm=nw, eps=1e-5, quant=True, out=res, residual=True)
+    torch.testing.assert_close(res, dev(x) + sep, rtol=0, atol=0)
+    for act in (K.ACT_RELU2, K.ACT_SILU):
+        y = K.matmul(q, gu, sx=s)
+        g, u = y[:, :inter], y[:, inter:]
+        want = (torch.square(torch.clamp_min(g, 0)) if act == K.ACT_RELU2 else g / (1 + torch.exp(-g))) * u
+        got = K.matmul(dev(x), gu, norm=nw, eps=1e-5, quant=True, glu=act)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("m", [1, 2, 24])
+@pytest.mark.parametrize("head", ["f16", "int8"])
+def test_lm_head_matches_reference(m, head):
+    v, k = 1001, 192
+    table = (rng().standard_normal((v, k)) * 0.05).astype(np.float16).astype(np.float32)
+    x = rng().standard_normal((m, k)).astype(np.float32)
+    ref = NumpyBackend(lm_head=head)
+    want = ref.dense_matmul(x, ref.prepare_dense(table))
+    be = backend(lm_head=head)
+    got = host(be.dense_matmul(dev(x), be.prepare_dense(table)))
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_rope_matches_reference():
+    x = rng().standard_normal((7, 5, 64)).astype(np.float32)
+    pos = rng().integers(0, 3000, 7)
+    got = host(backend().rope(dev(x), pos, 500000.0))
+    np.testing.assert_allclose(got, np_rope(x, pos, 500000.0), rtol=1e-5, atol=1e-5)
+
+
+def _attention_reference(q, k, v, n):
+    """q [Hq, D] attends to k/v [n, Hkv, D] (float32)."""
+    ref = NumpyBackend()
+    cache = ref.make_cache(1, k.shape[1], k.shape[2], n)
+    ref.kv_append(cache, 0, k[:n], v[:n], 0)
+    return ref.attention(q[None], cache, 0, n - 1)[0]
+
+
+@pytest.mark.parametrize("n", [1, 200, 700])
+@pytest.mark.parametrize("splits", [1, None])
+def test_split_kv_decode_attention_matches_reference(n, splits):
+    b, hq, hkv, d, max_len = 3, 8, 2, 64, 720
+    q = rng().standard_normal((b, hq, d)).astype(np.float32)
+    k = rng().standard_normal((b, max_len, hkv, d)).astype(np.float16)
+    v = rng().standard_normal((b, max_len, hkv, d)).astype(np.float16)
+    lengths = np.array([n, max(1, n // 2), min(max_len, n + 5)], dtype=np.int32)
+    got = host(K.decode_attention(dev(q), dev(k), dev(v), dev(lengths), num_splits=splits))
+    for i in range(b):
+        want = _attention_reference(q[i], k[i].astype(np.float32), v[i].astype(np.float32), int(lengths[i]))
+        np.testing.assert_allclose(got[i], want, rtol=0, atol=1e-5)  # float16 storage, float32 math
+
+
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
+def test_prefill_and_decode_attention_through_the_backend(kv_dtype):
+    be, ref = backend(kv_dtype=kv_dtype), NumpyBackend()
+    hq, hkv, d, n = 6, 2, 32, 90
+    c, rc = be.make_cache(2, hkv, d, 128), ref.make_cache(2, hkv, d, 128)
+    k = rng().standard_normal((n, hkv, d)).astype(np.float32)
+    v = rng().standard_normal((n, hkv, d)).astype(np.float32)
+    if kv_dtype == "f16":
+        k, v = k.astype(np.float16).astype(np.float32), v.astype(np.float16).astype(np.float32)
+    tol = 1e-5
+    for lo, hi in ((0, 40), (40, 89), (89, 90)):  # chunked prefill, then one decode position
+        be.kv_append(c, 1, dev(k[lo:hi]), dev(v[lo:hi]), lo)
+        ref.kv_append(rc, 1, k[lo:hi], v[lo:hi], lo)
+        q = rng().standard_normal((hi - lo, hq, d)).astype(np.float32)
+        got = host(be.attention(dev(q), c, 1, lo))
+        np.testing.assert_allclose(got, ref.attention(q, rc, 1, lo), rtol=0, atol=tol)
+
+
+# ----------------------------------------------------------------------------------------- whole model
+
+def bf16(w: np.ndarray) -> np.ndarray:
+    return (np.asarray(w, np.float32).view(np.uint32) & 0xFFFF0000).view(np.float32)
+
+
+def models(cfg, seed, **options):
+    w = random_weights(cfg, seed=seed)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):  # 16-bit like real checkpoints
+        if name in w:
+            w[name] = bf16(w[name])
+    return build_model(cfg, w, NumpyBackend()), build_model(cfg, w, backend(**options))
+
+
+def run(model, tokens, n_prompt):
+    cache = model.make_cache(64)
+    out = [model.forward(tokens[:n_prompt], cache)]
+    for t in tokens[n_prompt:]:
+        out.append(model.forward(np.array([t]), cache))
+    assert cache.length == len(tokens)
+    return np.concatenate(out)
+
+
+def prompt_and_decode(ref, fast):
+    """An 11-token prompt and 16 greedy steps chosen by the reference, fed to both through their caches."""
+    cfg = ref.config
+    prompt = rng().integers(0, cfg.vocab_size, 11)
+    cache = ref.make_cache(64)
+    tokens = list(prompt)
+    logits = ref.forward(prompt, cache)
+    for _ in range(16):
+        tokens.append(int(logits[-1].argmax()))
+        logits = ref.forward(np.array(tokens[-1:]), cache)
+    tokens = np.array(tokens)
+    want, got = run(ref, tokens, 11), run(fast, tokens, 11)
+    return np.abs(got - want).max() / np.abs(want).max(), got.argmax(-1) == want.argmax(-1)
+
+
+@pytest.mark.parametrize("name,kv_dtype", [("bitnet-int8", "f32"), ("bitnet-int8", "f16"),
+                                           ("llama-f32act", "f32")])
+def test_prompt_and_16_decode_steps_match_reference(name, kv_dtype):
+    ref, fast = models(CONFIGS[name], seed=int(rng().integers(1 << 30)), kv_dtype=kv_dtype)
+    err, agree = prompt_and_decode(ref, fast)
+    assert err <= BOUND[name], f"max|diff| = {err:.2e} x max|logit|"
+    assert agree.mean() >= 0.95, f"argmax agrees at {agree.mean():.0%} of positions"
+
+
+def test_decode_steps_take_the_fused_path_and_graphs_replay_exactly():
+    """Graph replays (new positions, new cache sets each step) equal the same fused step run eagerly."""
+    cfg = CONFIGS["bitnet-int8"]
+    w = random_weights(cfg, seed=11)
+    eager = build_model(cfg, w, backend(graphs=False))
+    graphed = build_model(cfg, w, backend())
+    prompts = [rng().integers(0, cfg.vocab_size, n) for n in (4, 9, 2)]
+    outs = []
+    for net in (eager, graphed):
+        caches = [net.make_cache(64) for _ in prompts]
+        logits = net.forward_batch(list(zip(prompts, caches)), last_only=True)
+        toks, seen = [int(l[-1].argmax()) for l in logits], []
+        for step in range(6):
+            live = list(range(3)) if step % 2 == 0 else [2, 0]  # the batch changes between steps
+            logits = net.forward_batch([(np.array([toks[i]]), caches[i]) for i in live], last_only=True)
+            for i, l in zip(live, logits):
+                toks[i] = int(l[-1].argmax())
+            seen.append(np.concatenate(logits))
+        outs.append(seen)
+    assert ("fused decode steps", len(eager.backend._steps)) == ("fused decode steps", 2)  # buckets 4 and 2
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a, b)
+    if DEVICE == "cuda":
+        assert all(s.graph is not None for s in graphed.backend._steps.values())
+
+
+@pytest.mark.parametrize("n_seq", [4, 5, 18])
+def test_batched_decode_equals_decoding_alone(n_seq):
+    cfg = CONFIGS["bitnet-int8"]
+    _, model = models(cfg, seed=3)
+    prompts = [rng().integers(0, cfg.vocab_size, n) for n in rng().integers(1, 12, n_seq)]
+
+    def greedy_alone(p, steps=6):
+        cache = model.make_cache(64)
+        tok = int(model.forward(p, cache)[-1].argmax())
+        out = [tok]
+        for _ in range(steps - 1):
+            tok = int(model.forward(np.array([tok]), cache)[-1].argmax())
+            out.append(tok)
+        return out
+
+    alone = [greedy_alone(p) for p in prompts]
+    caches = [model.make_cache(64) for _ in prompts]
+    logits = model.forward_batch(list(zip(prompts, caches)), last_only=True)
+    toks = [int(l[-1].argmax()) for l in logits]
+    batched = [[t] for t in toks]
+    for _ in range(5):
+        logits = model.forward_batch([(np.array([t]), c) for t, c in zip(toks, caches)])
+        toks = [int(l[-1].argmax()) for l in logits]
+        for seq, t in zip(batched, toks):
+            seq.append(t)
+    assert batched == alone
+    assert [c.length for c in caches] == [len(p) + 5 for p in prompts]
+
+
+def test_int8_lm_head_changes_logits_little():
+    cfg = CONFIGS["bitnet-int8"]
+    w = random_weights(cfg, seed=5)
+    w["model.embed_tokens.weight"] = bf16(w["model.embed_tokens.weight"])
+    m16, m8 = build_model(cfg, w, backend()), build_model(cfg, w, backend(lm_head="int8"))
+    ids = rng().integers(0, cfg.vocab_size, 24)
+    a, b = m16.forward(ids, m16.make_cache(32)), m8.forward(ids, m8.make_cache(32))
+    assert np.abs(a - b).max() / np.abs(a).max() < 1.5e-2
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
+
+
+def test_full_cache_and_foreign_cache_are_clear_errors():
+    cfg = CONFIGS["bitnet-int8"]
+    _, model = models(cfg, seed=2)
+    cache = model.make_cache(4)
+    model.forward(np.arange(4), cache)
+    with pytest.raises(ValueError, match="context full"):
+        model.forward(np.array([1]), cache)
+    assert cache.length == 4  # nothing was written
+    with pytest.raises(ValueError, match="make_cache"):
+        model.forward(np.array([1]), NumpyBackend().make_cache(2, 1, 64, 8))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="onebit.load picks the cuda backend only on a GPU")
+def test_load_auto_picks_cuda_and_generates():
+    import onebit
+
+    m = onebit.load("tiny-random")
+    assert m.backend.name == "cuda"
+    text = "".join(m.generate("Once upon a time", max_tokens=12, temperature=0.0))
+    assert len(m.tokenizer.encode(text)) >= 6
+    ref = onebit.load("tiny-random", backend="numpy", kv_dtype="f32")
+    ids = m.tokenizer.encode("Once upon a time there was")
+    a, b = ref.logits(ids), m.logits(ids)
+    assert np.abs(a - b).max() <= 3e-2 * np.abs(a).max()
