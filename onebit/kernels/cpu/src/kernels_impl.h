@@ -258,6 +258,7 @@ typedef struct {
     int32_t *acc;
     uint8_t *scr;
     size_t scr_per_thread;
+    int rg;           /* int8 GEMM: tiles (of 4 rows) per task */
     const float *res; /* epilogue: y = res + x W^T (the residual add), or NULL */
     int glu;          /* epilogue: 0, or OB_GLU_RELU2 / OB_GLU_SILU: y [T, N/2] = act(gate) * up */
 } tern_job;
@@ -337,41 +338,51 @@ static void gemm_glu(ob_ctx *c, const float *full, int T, int N, int silu, float
                   out + (size_t)t * (N / 2));
 }
 
-/* Tokens per pass over a task's unpacked codes: their activations (tblk x gpad bytes) and the codes
- * (16 x gpad) stay in L2 together, instead of every task streaming all T tokens' activations from L3. */
-static int gemm_token_block(int T, int gpad) {
-    int most = ob_max(OB_TB, 320 * 1024 / gpad), passes = ob_max(1, (T + most - 1) / most), tb = (T + passes - 1) / passes;
-    return (tb + OB_TB - 1) / OB_TB * OB_TB; /* T split evenly, in whole micro-kernel blocks */
+#ifndef OB_GEMM_Q_BYTES
+#define OB_GEMM_Q_BYTES (192 * 1024)
+#endif
+/* Tiles per int8 GEMM task: as many rows as keep a group's unpacked codes within OB_GEMM_Q_BYTES (L2), at most
+ * 16 tiles and at least 4 tasks per thread. Every task streams all T tokens' activations once, so more rows per
+ * task means fewer passes over them. */
+static int gemm_rows_per_task(int ntiles, int gpad, int nthreads) {
+    int rg = OB_GEMM_Q_BYTES / (4 * gpad);
+    rg = ob_min(rg, ntiles / (4 * nthreads));
+    return rg < 1 ? 1 : rg > 16 ? 16 : rg;
 }
 
+/* A task: rg tiles (4 rows each) x all T tokens. Per column group the tiles' codes are unpacked once (rg x 4 x gpad
+ * bytes, L2-resident), then each block of OB_TB tokens runs over all the rows; where the ISA's micro-kernel takes
+ * a whole group (OB_TERN_MK_ANY_LEN) it reduces its accumulators once per group instead of once per chunk. */
 static void tern_i8_gemm_task(void *p, int task, int tid) {
     tern_job *j = p;
     const ob_tern *w = j->w;
-    int T = j->T, gblk = w->gpad / OB_BLK, tile0 = task * OB_RG, ntl = ob_min(OB_RG, j->ntiles - tile0);
+    const int RG = j->rg;
+    int T = j->T, gblk = w->gpad / OB_BLK, tile0 = task * RG, ntl = ob_min(RG, j->ntiles - tile0);
     size_t qs = (size_t)w->gpad;
-    uint8_t *q = j->scr + (size_t)tid * j->scr_per_thread;  /* [16 rows][gpad]: one group's codes */
-    int32_t *ab = (int32_t *)(q + (size_t)OB_RG * 4 * qs);  /* [T][16] */
-    int o0 = tile0 * 4, nrow = ob_min(ntl * 4, w->N - o0), tblk = gemm_token_block(T, w->gpad);
+    uint8_t *q = j->scr + (size_t)tid * j->scr_per_thread;  /* [RG * 4 rows][gpad]: one group's codes */
+    int32_t *ab = (int32_t *)(q + (size_t)RG * 4 * qs);     /* [T][RG * 4] */
+    int o0 = tile0 * 4, nrow = ob_min(ntl * 4, w->N - o0);
     for (int g = 0; g < w->C; g++) {
-        memset(ab, 0, sizeof(int32_t) * (size_t)T * OB_RG * 4);
+        memset(ab, 0, sizeof(int32_t) * (size_t)T * RG * 4);
         for (int tl = 0; tl < ntl; tl++)
             prim_tern_unpack4(tile_ptr(w, tile0 + tl, g * gblk), gblk, q + (size_t)tl * 4 * qs, qs);
-        for (int tb = 0; tb < T; tb += tblk) {
-            int te = ob_min(T, tb + tblk);
-            for (int kb = 0; kb < gblk; kb += OB_KCB) {
-                int nb = ob_min(OB_KCB, gblk - kb);
-                for (int t0 = tb; t0 < te; t0 += OB_TB) {
-                    int nt = ob_min(OB_TB, te - t0);
-                    const int8_t *xt = j->xq + (size_t)t0 * w->Kp + (size_t)g * w->gpad + (size_t)kb * OB_BLK;
-                    for (int tl = 0; tl < ntl; tl++)
-                        prim_tern_mk(q + (size_t)tl * 4 * qs + (size_t)kb * OB_BLK, qs, xt, w->Kp, nt, nb * OB_BLK,
-                                     ab + (size_t)t0 * OB_RG * 4 + tl * 4, OB_RG * 4);
-                }
+        for (int t0 = 0; t0 < T; t0 += OB_TB) {
+            int nt = ob_min(OB_TB, T - t0);
+            const int8_t *xt = j->xq + (size_t)t0 * w->Kp + (size_t)g * w->gpad;
+            for (int tl = 0; tl < ntl; tl++) {
+#ifdef OB_TERN_MK_ANY_LEN
+                prim_tern_mk(q + (size_t)tl * 4 * qs, qs, xt, w->Kp, nt, gblk * OB_BLK, ab + (size_t)t0 * RG * 4 + tl * 4,
+                             RG * 4);
+#else
+                for (int kb = 0; kb < gblk; kb += OB_KCB)
+                    prim_tern_mk(q + (size_t)tl * 4 * qs + (size_t)kb * OB_BLK, qs, xt + (size_t)kb * OB_BLK, w->Kp, nt,
+                                 ob_min(OB_KCB, gblk - kb) * OB_BLK, ab + (size_t)t0 * RG * 4 + tl * 4, RG * 4);
+#endif
             }
         }
         const float *rs = w->rs + (size_t)g * w->N + o0;
         for (int t = 0; t < T; t++) {
-            const int32_t *at = ab + (size_t)t * OB_RG * 4;
+            const int32_t *at = ab + (size_t)t * RG * 4;
             int32_t sm = j->sums[t * w->C + g];
             float sx = j->sx[t], *yt = j->y + (size_t)t * w->N + o0;
             if (j->acc) {
@@ -408,12 +419,13 @@ static void OB_CAT(tern_i8_, OB_ISA)(ob_ctx *c, const ob_tern *w, const int8_t *
         return;
     }
     size_t full = glu ? ((size_t)T * w->N * sizeof(float) + 63) & ~(size_t)63 : 0;
-    j.scr_per_thread = ((size_t)OB_RG * 4 * w->gpad + sizeof(int32_t) * (size_t)T * OB_RG * 4 + 63) & ~(size_t)63;
+    j.rg = gemm_rows_per_task(j.ntiles, w->gpad, c->nthreads);
+    j.scr_per_thread = ((size_t)j.rg * 4 * w->gpad + sizeof(int32_t) * (size_t)T * j.rg * 4 + 63) & ~(size_t)63;
     uint8_t *scr = ob_scratch(c, 1, full + j.scr_per_thread * (size_t)c->nthreads);
     j.scr = scr + full;
     j.glu = 0;
     if (glu) j.y = (float *)scr;
-    ob_pool_run(c->pool, tern_i8_gemm_task, &j, (j.ntiles + OB_RG - 1) / OB_RG);
+    ob_pool_run(c->pool, tern_i8_gemm_task, &j, (j.ntiles + j.rg - 1) / j.rg);
     if (glu) gemm_glu(c, j.y, T, w->N, glu == OB_GLU_SILU, y);
 }
 

@@ -99,30 +99,40 @@ static void prim_tern_unpack4(const uint8_t *w, int nblk, uint8_t *q, size_t qst
         }
 }
 
-/* 2 rows x NT tokens; len <= 1024 so the int16 sums stay within +-16384. Two rows, not four: 2 x 3 int16
- * accumulators + 3 activation vectors + the codes + a product fit AVX2's 16 ymm registers, where 4 x 3 spilled
- * (measured on Zen 3: 123 vs 81 GMAC/s per core on this loop with L1-resident data). */
+/* 2 rows x NT tokens over len elements (any multiple of 32). Two rows, not four: 2 x 3 int16 accumulators +
+ * 3 activation vectors + the codes + a product fit AVX2's 16 ymm registers, where 4 x 3 spilled (measured on
+ * Zen 3: 123 vs 81 GMAC/s per core on this loop with L1-resident data). The int16 sums are widened every 1024
+ * elements (|sum| <= 32 x 508 < 2^15) into int32 vectors, and reduced across lanes once at the end. */
 OB_INLINE void tern_mk_n(const uint8_t *q, size_t qs, const int8_t *x, size_t xs, const int NT, int len,
                          int32_t *acc, int astride) {
-    __m256i a[2][OB_TB];
-    for (int r = 0; r < 2; r++)
-        for (int t = 0; t < NT; t++) a[r][t] = _mm256_setzero_si256();
-    for (int e = 0; e < len; e += 32) {
-        __m256i xv[OB_TB];
-        for (int t = 0; t < NT; t++) xv[t] = _mm256_loadu_si256((const __m256i *)(x + t * xs + e));
-        for (int r = 0; r < 2; r++) {
-            __m256i qv = _mm256_loadu_si256((const __m256i *)(q + r * qs + e));
-            for (int t = 0; t < NT; t++) a[r][t] = _mm256_add_epi16(a[r][t], _mm256_maddubs_epi16(qv, xv[t]));
-        }
-    }
     const __m256i ones = _mm256_set1_epi16(1), z = _mm256_setzero_si256();
+    __m256i s32[2][OB_TB];
+    for (int r = 0; r < 2; r++)
+        for (int t = 0; t < NT; t++) s32[r][t] = z;
+    for (int e0 = 0; e0 < len; e0 += 1024) {
+        int e1 = len - e0 < 1024 ? len : e0 + 1024;
+        __m256i a[2][OB_TB];
+        for (int r = 0; r < 2; r++)
+            for (int t = 0; t < NT; t++) a[r][t] = z;
+        for (int e = e0; e < e1; e += 32) {
+            __m256i xv[OB_TB];
+            for (int t = 0; t < NT; t++) xv[t] = _mm256_loadu_si256((const __m256i *)(x + t * xs + e));
+            for (int r = 0; r < 2; r++) {
+                __m256i qv = _mm256_loadu_si256((const __m256i *)(q + r * qs + e));
+                for (int t = 0; t < NT; t++) a[r][t] = _mm256_add_epi16(a[r][t], _mm256_maddubs_epi16(qv, xv[t]));
+            }
+        }
+        for (int r = 0; r < 2; r++)
+            for (int t = 0; t < NT; t++) s32[r][t] = _mm256_add_epi32(s32[r][t], _mm256_madd_epi16(a[r][t], ones));
+    }
     for (int t = 0; t < NT; t++) {
-        __m128i s = hsum4_epi32(_mm256_madd_epi16(a[0][t], ones), _mm256_madd_epi16(a[1][t], ones), z, z);
+        __m128i s = hsum4_epi32(s32[0][t], s32[1][t], z, z);
         __m128i *dst = (__m128i *)(acc + t * astride);
         _mm_storel_epi64(dst, _mm_add_epi32(_mm_loadl_epi64(dst), s));
     }
 }
 
+#define OB_TERN_MK_ANY_LEN /* prim_tern_mk takes a whole column group, not 1024-element chunks */
 #define OB_HAVE_TERN_MK
 static void prim_tern_mk(const uint8_t *q, size_t qs, const int8_t *x, size_t xs, int nt, int len, int32_t *acc,
                          int astride) {
@@ -334,7 +344,9 @@ OB_INLINE void i8_mk_n(const int8_t *w, size_t K32, const int8_t *x, const int N
     __m256i a[4][OB_TB];
     for (int r = 0; r < 4; r++)
         for (int t = 0; t < NT; t++) a[r][t] = _mm256_setzero_si256();
-    for (size_t k = 0; k < K32; k += 32)
+    for (size_t k = 0; k < K32; k += 32) {
+        _mm_prefetch((const char *)(w + (k / 32 * 4) * 32) + OB_PF, _MM_HINT_T0); /* one stream: 128 B per step */
+        _mm_prefetch((const char *)(w + (k / 32 * 4) * 32) + OB_PF + 64, _MM_HINT_T0);
         for (int r = 0; r < 4; r++) {
             __m256i wv = _mm256_loadu_si256((const __m256i *)(w + (k / 32 * 4 + r) * 32)), aw = _mm256_abs_epi8(wv);
             for (int t = 0; t < NT; t++) {
@@ -342,6 +354,7 @@ OB_INLINE void i8_mk_n(const int8_t *w, size_t K32, const int8_t *x, const int N
                 a[r][t] = _mm256_add_epi32(a[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones));
             }
         }
+    }
     for (int t = 0; t < NT; t++) _mm_storeu_si128((__m128i *)(out + t * os), hsum4_epi32(a[0][t], a[1][t], a[2][t], a[3][t]));
 }
 
