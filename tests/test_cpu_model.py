@@ -4,7 +4,8 @@ batched decode, and the int8 lm_head's effect on the logits."""
 import numpy as np
 import pytest
 
-from onebit.config import ModelConfig
+from model_parity import BOUND, CONFIGS, bf16, fresh_seed, greedy_batched_and_alone, prompt_and_decode, run, \
+    sixteen_bit_weights
 from onebit.kernels.numpy_ref import NumpyBackend
 from onebit.models import build_model
 from onebit.synth import random_weights
@@ -14,59 +15,10 @@ if not cpu.CpuBackend.is_available():
     pytest.skip("the cpu backend's C extension is not built (pip install -e . with a C compiler)",
                 allow_module_level=True)
 
-# odd sizes on purpose: in_features 333 (intermediate) and 192 are not multiples of 256; GQA 3:1
-SMALL = dict(vocab_size=261, hidden_size=192, intermediate_size=333, num_hidden_layers=2,
-             num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=256, rope_theta=10000.0)
-CONFIGS = {
-    "bitnet-int8": ModelConfig.from_dict(dict(SMALL, arch="bitnet", hidden_act="relu2", act_bits=8)),
-    "llama-f32act": ModelConfig.from_dict(dict(SMALL, arch="llama", hidden_act="silu", act_bits=None,
-                                               tie_word_embeddings=False, num_key_value_heads=3)),
-}
-BOUND = {"bitnet-int8": 3e-2, "llama-f32act": 1e-4}
-
-
-def bf16(w: np.ndarray) -> np.ndarray:
-    return (np.asarray(w, np.float32).view(np.uint32) & 0xFFFF0000).view(np.float32)
-
-
 def models(cfg, seed, ref_options=None, **cpu_options):
-    w = random_weights(cfg, seed=seed)
-    for name in ("model.embed_tokens.weight", "lm_head.weight"):  # 16-bit like real checkpoints
-        if name in w:
-            w[name] = bf16(w[name])
+    w = sixteen_bit_weights(cfg, seed)
     return (build_model(cfg, w, NumpyBackend(**(ref_options or {}))),
             build_model(cfg, w, cpu.CpuBackend(threads=2, **cpu_options)))
-
-
-def run(model, tokens, n_prompt):
-    """Prompt, then one token per step through the cache (teacher-forced) -> logits [len(tokens), vocab]."""
-    cache = model.make_cache(64)
-    out = [model.forward(tokens[:n_prompt], cache)]
-    for t in tokens[n_prompt:]:
-        out.append(model.forward(np.array([t]), cache))
-    assert cache.length == len(tokens)
-    return np.concatenate(out)
-
-
-def prompt_and_decode(ref, fast):
-    """A fresh 11-token prompt and 16 greedy steps chosen by the reference, fed to both models through their
-    caches -> (max|diff| / max|logit|, argmax agreement per position, reference logits, fast logits)."""
-    cfg = ref.config
-    r = np.random.default_rng()
-    prompt = r.integers(0, cfg.vocab_size, 11)
-    cache = ref.make_cache(64)
-    tokens = list(prompt)
-    logits = ref.forward(prompt, cache)
-    for _ in range(16):
-        tokens.append(int(logits[-1].argmax()))
-        logits = ref.forward(np.array(tokens[-1:]), cache)
-    tokens = np.array(tokens)
-    want, got = run(ref, tokens, 11), run(fast, tokens, 11)
-    return np.abs(got - want).max() / np.abs(want).max(), got.argmax(-1) == want.argmax(-1), want, got
-
-
-def fresh_seed() -> int:
-    return int(np.random.default_rng().integers(1 << 30))
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -151,27 +103,8 @@ def test_batched_decode_equals_decoding_alone():
     cfg = CONFIGS["bitnet-int8"]
     _, model = models(cfg, seed=3)
     r = np.random.default_rng()
-    prompts = [r.integers(0, cfg.vocab_size, n) for n in (3, 9, 5, 1)]
-
-    def greedy_alone(p, steps=8):
-        cache = model.make_cache(64)
-        tok = int(model.forward(p, cache)[-1].argmax())
-        out = [tok]
-        for _ in range(steps - 1):
-            tok = int(model.forward(np.array([tok]), cache)[-1].argmax())
-            out.append(tok)
-        return out
-
-    alone = [greedy_alone(p) for p in prompts]
-    caches = [model.make_cache(64) for _ in prompts]
-    logits = model.forward_batch(list(zip(prompts, caches)), last_only=True)  # batched prefill, ragged
-    toks = [int(l[-1].argmax()) for l in logits]
-    batched = [[t] for t in toks]
-    for _ in range(7):
-        logits = model.forward_batch([(np.array([t]), c) for t, c in zip(toks, caches)])
-        toks = [int(l[-1].argmax()) for l in logits]
-        for seq, t in zip(batched, toks):
-            seq.append(t)
+    prompts = [r.integers(0, cfg.vocab_size, n) for n in (3, 9, 5, 1)]  # ragged batched prefill
+    batched, alone, caches = greedy_batched_and_alone(model, prompts, steps=8)
     assert batched == alone
     assert [c.length for c in caches] == [len(p) + 7 for p in prompts]
 

@@ -12,7 +12,8 @@ import os
 import numpy as np
 import pytest
 
-from onebit.config import ModelConfig
+from model_parity import BOUND, CONFIGS, bf16, fresh_seed, greedy_batched_and_alone, prompt_and_decode, \
+    sixteen_bit_weights
 from onebit.kernels.numpy_ref import NumpyBackend, act_quant, int_dot, rmsnorm
 from onebit.kernels.numpy_ref import rope as np_rope
 from onebit.kernels.triton import CudaBackend
@@ -33,16 +34,6 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 from onebit.kernels.triton import kernels as K  # noqa: E402
 from onebit.kernels.triton.backend import TritonCudaBackend  # noqa: E402
-
-SMALL = dict(vocab_size=261, hidden_size=192, intermediate_size=333, num_hidden_layers=2,
-             num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=256, rope_theta=10000.0)
-CONFIGS = {
-    "bitnet-int8": ModelConfig.from_dict(dict(SMALL, arch="bitnet", hidden_act="relu2", act_bits=8)),
-    "llama-f32act": ModelConfig.from_dict(dict(SMALL, arch="llama", hidden_act="silu", act_bits=None,
-                                               tie_word_embeddings=False, num_key_value_heads=3)),
-}
-BOUND = {"bitnet-int8": 3e-2, "llama-f32act": 1e-4}
-
 
 def rng():
     return np.random.default_rng()
@@ -190,47 +181,16 @@ def test_prefill_and_decode_attention_through_the_backend(kv_dtype):
 
 # ----------------------------------------------------------------------------------------- whole model
 
-def bf16(w: np.ndarray) -> np.ndarray:
-    return (np.asarray(w, np.float32).view(np.uint32) & 0xFFFF0000).view(np.float32)
-
-
 def models(cfg, seed, **options):
-    w = random_weights(cfg, seed=seed)
-    for name in ("model.embed_tokens.weight", "lm_head.weight"):  # 16-bit like real checkpoints
-        if name in w:
-            w[name] = bf16(w[name])
+    w = sixteen_bit_weights(cfg, seed)
     return build_model(cfg, w, NumpyBackend()), build_model(cfg, w, backend(**options))
-
-
-def run(model, tokens, n_prompt):
-    cache = model.make_cache(64)
-    out = [model.forward(tokens[:n_prompt], cache)]
-    for t in tokens[n_prompt:]:
-        out.append(model.forward(np.array([t]), cache))
-    assert cache.length == len(tokens)
-    return np.concatenate(out)
-
-
-def prompt_and_decode(ref, fast):
-    """An 11-token prompt and 16 greedy steps chosen by the reference, fed to both through their caches."""
-    cfg = ref.config
-    prompt = rng().integers(0, cfg.vocab_size, 11)
-    cache = ref.make_cache(64)
-    tokens = list(prompt)
-    logits = ref.forward(prompt, cache)
-    for _ in range(16):
-        tokens.append(int(logits[-1].argmax()))
-        logits = ref.forward(np.array(tokens[-1:]), cache)
-    tokens = np.array(tokens)
-    want, got = run(ref, tokens, 11), run(fast, tokens, 11)
-    return np.abs(got - want).max() / np.abs(want).max(), got.argmax(-1) == want.argmax(-1)
 
 
 @pytest.mark.parametrize("name,kv_dtype", [("bitnet-int8", "f32"), ("bitnet-int8", "f16"),
                                            ("llama-f32act", "f32")])
 def test_prompt_and_16_decode_steps_match_reference(name, kv_dtype):
-    ref, fast = models(CONFIGS[name], seed=int(rng().integers(1 << 30)), kv_dtype=kv_dtype)
-    err, agree = prompt_and_decode(ref, fast)
+    ref, fast = models(CONFIGS[name], seed=fresh_seed(), kv_dtype=kv_dtype)
+    err, agree, _, _ = prompt_and_decode(ref, fast)
     assert err <= BOUND[name], f"max|diff| = {err:.2e} x max|logit|"
     assert agree.mean() >= 0.95, f"argmax agrees at {agree.mean():.0%} of positions"
 
@@ -266,26 +226,7 @@ def test_batched_decode_equals_decoding_alone(n_seq):
     cfg = CONFIGS["bitnet-int8"]
     _, model = models(cfg, seed=3)
     prompts = [rng().integers(0, cfg.vocab_size, n) for n in rng().integers(1, 12, n_seq)]
-
-    def greedy_alone(p, steps=6):
-        cache = model.make_cache(64)
-        tok = int(model.forward(p, cache)[-1].argmax())
-        out = [tok]
-        for _ in range(steps - 1):
-            tok = int(model.forward(np.array([tok]), cache)[-1].argmax())
-            out.append(tok)
-        return out
-
-    alone = [greedy_alone(p) for p in prompts]
-    caches = [model.make_cache(64) for _ in prompts]
-    logits = model.forward_batch(list(zip(prompts, caches)), last_only=True)
-    toks = [int(l[-1].argmax()) for l in logits]
-    batched = [[t] for t in toks]
-    for _ in range(5):
-        logits = model.forward_batch([(np.array([t]), c) for t, c in zip(toks, caches)])
-        toks = [int(l[-1].argmax()) for l in logits]
-        for seq, t in zip(batched, toks):
-            seq.append(t)
+    batched, alone, caches = greedy_batched_and_alone(model, prompts, steps=6)
     assert batched == alone
     assert [c.length for c in caches] == [len(p) + 5 for p in prompts]
 
