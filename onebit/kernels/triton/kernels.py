@@ -168,6 +168,33 @@ def _gemv_rows(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, rows, m, K, KW, N, C, G, rs
 
 
 @triton.jit
+def _rope_store_head(lo, hi, d, head, row, pos, q_out_ptr, cos_ptr, sin_ptr, base_ptr, maxlen_ptr, layer, HQ, HKV,
+                     HALF: tl.constexpr, KVF32: tl.constexpr):
+    """Halves lo, hi [HALF] (offsets d) of head ``head`` of a fused q/k/v row of sequence ``row`` at ``pos``:
+    q heads are rotated into q_out [rows, HQ, 2 HALF]; k heads rotated and v heads copied into the sequence's
+    cache [L, 2, max_len, HKV, 2 HALF], found through base_ptr / maxlen_ptr."""
+    if head < HQ + HKV:
+        c = tl.load(cos_ptr + pos * HALF + d)
+        sn = tl.load(sin_ptr + pos * HALF + d)
+        lo, hi = lo * c - hi * sn, hi * c + lo * sn
+    if head < HQ:
+        qo = q_out_ptr + (row * HQ + head) * 2 * HALF + d
+        tl.store(qo, lo)
+        tl.store(qo + HALF, hi)
+    else:
+        if KVF32:
+            base = tl.load(base_ptr + row).to(tl.pointer_type(tl.float32))
+        else:
+            base = tl.load(base_ptr + row).to(tl.pointer_type(tl.float16))
+        maxlen = tl.load(maxlen_ptr + row).to(tl.int64)
+        kv = (head >= HQ + HKV).to(tl.int64)
+        h = head - HQ - kv * HKV
+        off = ((layer * 2 + kv) * maxlen + pos) * HKV * 2 * HALF + h * 2 * HALF + d
+        tl.store(base + off, lo.to(base.dtype.element_ty))
+        tl.store(base + off + HALF, hi.to(base.dtype.element_ty))
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, M, K, KW, N, C, G, eps,
                  # EPI_QKV: q out, RoPE tables, positions, cache tables
                  q_out_ptr, cos_ptr, sin_ptr, pos_ptr, base_ptr, maxlen_ptr, layer, HQ, HKV,
@@ -208,30 +235,8 @@ def _gemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, M, K, KW, N, C, 
                     tl.store(out_ptr + mi * PAIR + rows, a * y2, mask=rows < PAIR)
                 else:
                     d = rows % (2 * HALF_D)  # 0 .. HALF_D-1 (first half of the head)
-                    pos = tl.load(pos_ptr + mi)
-                    if head < HQ + HKV:
-                        c = tl.load(cos_ptr + pos * HALF_D + d)
-                        sn = tl.load(sin_ptr + pos * HALF_D + d)
-                        lo = y * c - y2 * sn
-                        hi = y2 * c + y * sn
-                    else:
-                        lo = y
-                        hi = y2
-                    if head < HQ:
-                        qo = q_out_ptr + mi * HQ * 2 * HALF_D + head * 2 * HALF_D + d
-                        tl.store(qo, lo)
-                        tl.store(qo + HALF_D, hi)
-                    else:
-                        if KVF32:
-                            base = tl.load(base_ptr + mi).to(tl.pointer_type(tl.float32))
-                        else:
-                            base = tl.load(base_ptr + mi).to(tl.pointer_type(tl.float16))
-                        maxlen = tl.load(maxlen_ptr + mi).to(tl.int64)
-                        kv = (head >= HQ + HKV).to(tl.int64)
-                        h = head - HQ - kv * HKV
-                        off = ((layer * 2 + kv) * maxlen + pos) * HKV * 2 * HALF_D + h * 2 * HALF_D + d
-                        tl.store(base + off, lo.to(base.dtype.element_ty))
-                        tl.store(base + off + HALF_D, hi.to(base.dtype.element_ty))
+                    _rope_store_head(y, y2, d, head, mi, tl.load(pos_ptr + mi), q_out_ptr, cos_ptr, sin_ptr, base_ptr,
+                                     maxlen_ptr, layer, HQ, HKV, HALF_D, KVF32)
 
 
 @triton.jit
@@ -366,25 +371,8 @@ def _rope_append_kernel(qkv_ptr, q_out_ptr, cos_ptr, sin_ptr, pos_ptr, base_ptr,
     src = qkv_ptr + (b * (HQ + 2 * HKV) + head) * D + d
     lo = tl.load(src)
     hi = tl.load(src + HALF)
-    pos = tl.load(pos_ptr + b)
-    if head < HQ + HKV:
-        c = tl.load(cos_ptr + pos * HALF + d)
-        sn = tl.load(sin_ptr + pos * HALF + d)
-        lo, hi = lo * c - hi * sn, hi * c + lo * sn
-    if head < HQ:
-        tl.store(q_out_ptr + (b * HQ + head) * D + d, lo)
-        tl.store(q_out_ptr + (b * HQ + head) * D + d + HALF, hi)
-    else:
-        if KVF32:
-            base = tl.load(base_ptr + b).to(tl.pointer_type(tl.float32))
-        else:
-            base = tl.load(base_ptr + b).to(tl.pointer_type(tl.float16))
-        maxlen = tl.load(maxlen_ptr + b).to(tl.int64)
-        kv = (head >= HQ + HKV).to(tl.int64)
-        h = head - HQ - kv * HKV
-        off = ((layer * 2 + kv) * maxlen + pos) * HKV * D + h * D + d
-        tl.store(base + off, lo.to(base.dtype.element_ty))
-        tl.store(base + off + HALF, hi.to(base.dtype.element_ty))
+    _rope_store_head(lo, hi, d, head, b, tl.load(pos_ptr + b), q_out_ptr, cos_ptr, sin_ptr, base_ptr, maxlen_ptr,
+                     layer, HQ, HKV, HALF, KVF32)
 
 
 @triton.jit
