@@ -5,9 +5,10 @@ Two paths:
 - the protocol (prefill, perplexity, anything with more than one new token per sequence): each op is a kernel;
   ``rmsnorm`` returns a lazy ``Normed`` that the next matmul fuses into its prologue (with the int8
   quantization), so a ternary linear is one kernel for up to 16 tokens;
-- ``decode_batch`` (every sequence adds one token): six kernels per layer (q/k/v matmul with RMSNorm +
-  quantization prologue and RoPE + KV-append epilogue; split-KV attention; merge + sub-norm + quantization;
-  o matmul + residual; gate/up matmul + gated activation; down matmul + sub-norm prologue + residual), replayed
+- ``decode_batch`` (every sequence adds one token): seven kernels per layer (q/k/v matmul with RMSNorm +
+  quantization prologue and RoPE + KV-append epilogue; split-KV attention; merge; o matmul with sub-norm +
+  quantization prologue and residual epilogue; gate/up matmul + gated activation; sub-norm + quantization;
+  down matmul + residual), replayed
   from a CUDA graph captured once per (model, batch bucket). Sequences find their KV caches through a table of
   addresses in the graph's static inputs, so any mix of sequences and lengths replays the same graph.
 """
@@ -359,7 +360,7 @@ class DecodeStep:
         net = self.net
         pos, lengths, maxlen = self.i32[0], self.i32[1], self.i32[2]
         x = self.x
-        x.copy_(net.embed.table.index_select(0, self.ids))
+        K.embed(net.embed.table, self.ids, x)
         qkv = dict(q_out=self.q, cos=self.cos, sin=self.sin, pos=pos, base=self.base, maxlen=maxlen,
                    hq=self.hq, hkv=self.hkv, head_dim=self.d, kv_f32=self.kv_f32)
         q3 = self.q.view(self.bucket, self.hq, self.d)

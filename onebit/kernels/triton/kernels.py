@@ -14,7 +14,7 @@ Portable Triton only (no inline assembly), so Triton's AMD backend can compile t
 Kernel families: ``gemv`` (1-16 tokens, CUDA cores, weights unpacked in registers and reused across tokens,
 with fused prologues (RMSNorm + quantization) and epilogues (residual add, gated activation, RoPE + KV append)),
 ``gemm`` (more tokens: tensor-core ``tl.dot`` on unpacked int8 tiles), ``norm_quant``, split-KV decode
-attention + merge (optionally fused with the next RMSNorm + quantization), causal prefill attention, RoPE.
+attention + merge, causal prefill attention, RoPE, embedding gather.
 """
 
 from __future__ import annotations
@@ -412,6 +412,17 @@ def _prefill_attn_kernel(q_ptr, k_ptr, v_ptr, out_ptr, T, start, scale, stride_k
 
 
 @triton.jit
+def _embed_kernel(table_ptr, ids_ptr, out_ptr, H, BH: tl.constexpr):
+    """out[t] = float32(table[ids[t]]) (the decode step's embedding gather, one launch)."""
+    t = tl.program_id(0)
+    row = tl.load(ids_ptr + t)
+    for h0 in range(0, H, BH):
+        h = h0 + tl.arange(0, BH)
+        v = tl.load(table_ptr + row * H + h, mask=h < H, other=0.0)
+        tl.store(out_ptr + t * H + h, v.to(tl.float32), mask=h < H)
+
+
+@triton.jit
 def _rope_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, H, HALF: tl.constexpr, HP: tl.constexpr):
     """x [T, H, 2 HALF] rotate-half RoPE at pos[t] -> out."""
     t = tl.program_id(0)
@@ -616,6 +627,12 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     _prefill_attn_kernel[(triton.cdiv(t, bm), hq)](q.contiguous(), k_cache, v_cache, out, t, start, d ** -0.5,
                                                    hkv * d, HQ=hq, HKV=hkv, D=d, BM=bm, BLOCK=64,
                                                    KVF32=k_cache.dtype == torch.float32, num_warps=4)
+    return out
+
+
+def embed(table: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out float32 [T, H] = table [V, H] (any float dtype) rows ids int64 [T]."""
+    _embed_kernel[(ids.shape[0],)](table, ids, out, table.shape[1], BH=min(1024, _pow2(table.shape[1])))
     return out
 
 
