@@ -433,6 +433,12 @@ class Engine:
             limit = self.model.config.max_position_embeddings
             self.ctx = min(self._ctx_wanted or limit, limit)
             self.store = SessionStore(self.model.make_cache, **self._store_args)
+            warmup = getattr(self.model.net.backend, "warmup", None)  # JIT backends compile before serving
+            if warmup is not None:
+                t0 = time.monotonic()
+                log.info("compiling kernels for batches up to %d ...", self.max_batch)
+                warmup(self.model.net, self.max_batch)
+                log.info("kernels ready in %.1f s", time.monotonic() - t0)
         except BaseException as e:  # noqa: BLE001 - reported through /health and the serve command
             log.error("loading the model failed: %s", e)
             self.load_error = e

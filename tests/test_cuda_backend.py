@@ -221,6 +221,24 @@ def test_decode_steps_take_the_fused_path_and_graphs_replay_exactly():
         assert all(s.graph is not None for s in graphed.backend._steps.values())
 
 
+def test_warmup_captures_each_bucket_and_leaves_results_unchanged():
+    """The server's warm-up (compile + capture before the first request) runs throwaway sequences only."""
+    cfg = CONFIGS["bitnet-int8"]
+    w = random_weights(cfg, seed=12)
+    cold, warm = build_model(cfg, w, backend()), build_model(cfg, w, backend())
+    warm.backend.warmup(warm, max_batch=3)
+    assert sorted(k[1] for k in warm.backend._steps) == [1, 2, 4]  # buckets up to the first >= 3
+    if DEVICE == "cuda":
+        assert all(s.graph is not None for s in warm.backend._steps.values())
+    ids = rng().integers(0, cfg.vocab_size, 7)
+    outs = []
+    for net in (cold, warm):
+        cache = net.make_cache(32)
+        seq = [net.forward(ids, cache)[-1]] + [net.forward(np.array([t]), cache)[-1] for t in (3, 1, 4)]
+        outs.append(np.stack(seq))
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("n_seq", [4, 5, 18])
 def test_batched_decode_equals_decoding_alone(n_seq):
     cfg = CONFIGS["bitnet-int8"]

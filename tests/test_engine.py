@@ -168,6 +168,22 @@ def test_tiny_kv_budget_evicts_but_never_breaks(model):
         eng.stop()
 
 
+def test_a_jit_backend_warms_up_before_the_engine_is_ready():
+    """A backend with ``warmup`` (cuda: Triton JIT + graph capture) gets it once, with max_batch, before ready."""
+    m = onebit.load("tiny-random")
+    calls = []
+    eng = Engine(m, max_batch=8)
+    m.net.backend.warmup = lambda net, max_batch: calls.append((net is m.net, max_batch, eng.ready.is_set()))
+    eng.start()
+    try:
+        assert eng.ready.wait(10)
+        assert calls == [(True, 8, False)]
+        texts, usage = asyncio.run(run(eng, [5, 6, 7], params=GREEDY, max_tokens=3))
+        assert usage.completion_tokens == 3 and texts == [fresh(m, [5, 6, 7], 3)]
+    finally:
+        eng.stop()
+
+
 def test_loader_error_is_reported():
     def broken():
         raise onebit.FormatError("no such model")

@@ -150,8 +150,12 @@ def _loader(args):
         act = {"auto": "auto", "8": 8, "16": None}[args.act_bits]
         model = load_timed(args.model, args.backend, threads=args.threads, lm_head=args.lm_head,
                            ternarize=args.ternarize, act_bits=act, kv_dtype=args.kv_dtype)
-        print(f"1bit serve: ready ({model.backend.name} backend, loaded in {time.perf_counter() - t0:.1f} s)",
-              file=sys.stderr)
+        warm = hasattr(model.net.backend, "warmup")
+        print(f"1bit serve: {'loaded' if warm else 'ready'} ({model.backend.name} backend, loaded in "
+              f"{time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+        if warm:  # the engine runs it before taking requests
+            print(f"1bit serve: compiling kernels for batches up to {args.max_batch} (a minute or more the first "
+                  "time on a machine; cached after)...", file=sys.stderr)
         return model
 
     return load

@@ -263,6 +263,25 @@ class TritonCudaBackend:
             outs.append(step.run(ids[lo:lo + len(segs)], segs))
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
+    def warmup(self, net, max_batch: int = 1) -> None:
+        """Compile the kernel variants serving uses and capture the decode graphs of every batch bucket up to
+        ``max_batch``, on throwaway caches, so that no request waits for Triton's JIT (seconds per variant on
+        a fresh machine; Triton keeps them in its on-disk cache, so later starts are quick)."""
+        vocab = net.config.vocab_size
+        ctx = min(net.config.max_position_embeddings, 128)
+        for n in (1, 3, 5, 40):  # gemv token counts 1 / 2-4, the two gemm tile heights, prefill attention
+            net.forward_batch([(np.arange(n) % vocab, net.make_cache(ctx))], last_only=True)
+        for bucket in BUCKETS:
+            caches = [net.make_cache(ctx) for _ in range(bucket)]
+            for c in caches:
+                net.forward_batch([(np.arange(2) % vocab, c)], last_only=True)
+            for _ in range(2):  # the first run is eager, the second captures the graph
+                net.forward_batch([(np.array([1]), c) for c in caches], last_only=True)
+            if bucket >= max_batch:
+                break
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def _plan(self, net):
         key = id(net)
         if key not in self._plans:
