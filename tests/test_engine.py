@@ -26,7 +26,7 @@ def model():
 @pytest.fixture()
 def engine(model):
     eng = Engine(model, max_batch=16, prefill_chunk=64).start()
-    assert eng.ready.wait(10)
+    assert eng.ready.wait(600)
     yield eng
     eng.stop()
 
@@ -128,7 +128,7 @@ def test_chunked_prefill_does_not_stall_running_streams(engine, model):
 
 def test_cancel_frees_slots_and_overload(model):
     eng = Engine(model, max_batch=1, max_queue=1).start()
-    eng.ready.wait(10)
+    eng.ready.wait(600)
     ids = model.tokenizer.encode("hog")
 
     async def main():
@@ -151,7 +151,7 @@ def test_cancel_frees_slots_and_overload(model):
 
 def test_tiny_kv_budget_evicts_but_never_breaks(model):
     eng = Engine(model, kv_budget_bytes=1, max_batch=4).start()  # nothing idle survives
-    eng.ready.wait(10)
+    eng.ready.wait(600)
     ids = model.tokenizer.encode("evict me")
 
     async def main():
@@ -176,7 +176,7 @@ def test_a_jit_backend_warms_up_before_the_engine_is_ready():
     m.net.backend.warmup = lambda net, max_batch: calls.append((net is m.net, max_batch, eng.ready.is_set()))
     eng.start()
     try:
-        assert eng.ready.wait(10)
+        assert eng.ready.wait(600)
         assert calls == [(True, 8, False)]
         texts, usage = asyncio.run(run(eng, [5, 6, 7], params=GREEDY, max_tokens=3))
         assert usage.completion_tokens == 3 and texts == [fresh(m, [5, 6, 7], 3)]

@@ -78,7 +78,7 @@ class Served:
 @pytest.fixture(scope="module")
 def live():
     with LiveServer(make_engine(max_batch=8)) as s:
-        assert s.engine.ready.wait(20)
+        assert s.engine.ready.wait(600)
         yield s
 
 
@@ -92,7 +92,7 @@ def mcp_url(live):
 def secured():
     """An API server with a key, and its MCP listener."""
     with LiveServer(make_engine(), ServerSettings(model_id=MODEL, api_keys=["sekret"])) as s:
-        assert s.engine.ready.wait(20)
+        assert s.engine.ready.wait(600)
         with Served(create_mcp_app(s.app.state.onebit)) as m:
             yield s, m.url + "/mcp"
 
@@ -293,7 +293,7 @@ def test_override_set_through_mcp_changes_the_next_http_request(live, mcp_url):
 
 def test_evicting_a_session_through_mcp_makes_the_next_turn_reprefill():
     with LiveServer(make_engine(max_prefix_entries=0)) as s:  # no anonymous entries to borrow a prefix from
-        assert s.engine.ready.wait(20)
+        assert s.engine.ready.wait(600)
         history = chat("remember this")
         r1 = http_chat(s, history, session="conv")
         history += [r1["choices"][0]["message"], {"role": "user", "content": "and then?"}]
@@ -328,7 +328,7 @@ def slow_model():
 def test_evicting_a_busy_session_is_refused():
     body = {"messages": chat("keep going"), "max_tokens": 100, "stream": True, "logit_bias": LETTERS}
     with LiveServer(Engine(loader=slow_model)) as s:
-        assert s.engine.ready.wait(20)
+        assert s.engine.ready.wait(600)
         with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=30,
                           headers={"X-1bit-Session": "busy"}) as r:
             lines = r.iter_lines()  # kept: closing it would close the stream, and cancel the request
@@ -513,7 +513,7 @@ def test_tools_say_loading_while_the_model_loads():
         assert out.status == "loading" and not out.ready and out.backend is None
         for r in (models, sessions):
             assert r.is_error and "still loading" in r.content[0].text
-        assert s.engine.ready.wait(20)
+        assert s.engine.ready.wait(600)
         (health,) = run(calls(inproc(s), ("health", {})))
         assert model_of("health", health).ready
 

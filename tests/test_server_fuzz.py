@@ -25,7 +25,7 @@ def fuzz_server():
     # a short context bounds every generation (max_tokens past it is a 400)
     engine = Engine(loader=lambda: load_timed(MODEL), ctx=64, max_queue=64)
     with LiveServer(engine, ServerSettings(model_id=MODEL, max_body_bytes=1 << 20)) as s:
-        assert engine.ready.wait(20)
+        assert engine.ready.wait(600)
         yield s
 
 
