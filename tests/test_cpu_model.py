@@ -94,9 +94,53 @@ def test_fused_layer_ops_give_identical_logits(name):
     w = random_weights(cfg, seed=fresh_seed())
     fused, plain = cpu.CpuBackend(threads=2), cpu.CpuBackend(threads=2)
     plain.fused_ternary = False
+    plain.decode_batch = lambda *args: None  # every decode step as separate ops, too
     a, b = build_model(cfg, w, fused), build_model(cfg, w, plain)
     tokens = np.random.default_rng().integers(0, cfg.vocab_size, 20)
     assert np.array_equal(run(a, tokens, 9), run(b, tokens, 9))
+
+
+@pytest.mark.parametrize("isa", cpu.supported_isas())
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_whole_decode_step_in_one_call_is_bit_identical(name, kv_dtype, isa):
+    """decode_batch runs one sequence's decode step through every layer in one C call; its logits and caches
+    equal the per-op path's bit for bit, and it is the path taken."""
+    cfg = CONFIGS[name]
+    w = random_weights(cfg, seed=fresh_seed())
+    one, ops = (cpu.CpuBackend(threads=2, kv_dtype=kv_dtype, isa=isa) for _ in range(2))
+    ops.decode_batch = lambda *args: None
+    a, b = build_model(cfg, w, one), build_model(cfg, w, ops)
+    tokens = np.random.default_rng().integers(0, cfg.vocab_size, 20)
+    ca, cb = a.make_cache(64), b.make_cache(64)
+    la = [a.forward(tokens[:5], ca)] + [a.forward(tokens[i:i + 1], ca) for i in range(5, 20)]
+    lb = [b.forward(tokens[:5], cb)] + [b.forward(tokens[i:i + 1], cb) for i in range(5, 20)]
+    assert np.array_equal(np.concatenate(la), np.concatenate(lb))
+    assert np.array_equal(ca.k, cb.k) and np.array_equal(ca.v, cb.v) and ca.length == cb.length == 20
+    assert one._decode_plan(a) is not None  # the one-call step ran, not a silent fallback
+
+
+def test_kv_store_rounds_to_half_exactly_as_numpy():
+    """The C KV store's float32 -> float16 (cache appends, the decode step) equals NumPy's astype, edge cases
+    included: ties to even, subnormals, overflow to inf, NaN."""
+    r = np.random.default_rng()
+    bits = r.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
+    special = np.array([0.0, -0.0, 65504.0, 65519.99, 65520.0, 1e9, -1e9, np.inf, -np.inf, 2.0**-24, 2.0**-25,
+                        1.5 * 2.0**-25, 2.0**-14, 2.0**-14 - 2.0**-25, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11],
+                       dtype=np.float32)
+    vals = np.concatenate([bits.view(np.float32), special, r.standard_normal(40_000).astype(np.float32) * 1e-5])
+    vals = vals[: vals.size // 64 * 64].reshape(-1, 1, 64)
+    be = cpu.CpuBackend(threads=1, kv_dtype="f16")
+    cache = be.make_cache(1, 1, 64, vals.shape[0])
+    be.kv_append(cache, 0, vals, vals, 0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = vals[:, 0].astype(np.float16)
+    got = cache.k[0, 0]
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint16), want[~nan].view(np.uint16))
+    with pytest.raises(ValueError, match="KV cache full"):
+        be.kv_append(cache, 0, vals[:1], vals[:1], vals.shape[0])
 
 
 def test_batched_decode_equals_decoding_alone():

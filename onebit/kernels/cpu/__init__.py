@@ -296,11 +296,15 @@ class CpuBackend:
         return y
 
     def kv_append(self, cache: CpuKVCache, layer: int, k, v, start: int) -> None:
-        t = k.shape[0]
+        k, v = _f32(k), _f32(v)
+        t, h, d = k.shape
         if start + t > cache.max_len:
             raise ValueError(f"KV cache full: {start + t} positions > {cache.max_len}")
-        cache.k[layer, :, start:start + t] = np.asarray(k).transpose(1, 0, 2)
-        cache.v[layer, :, start:start + t] = np.asarray(v).transpose(1, 0, 2)
+        if cache.k.shape[1:] != (h, cache.max_len, d) or v.shape != k.shape or not 0 <= layer < cache.k.shape[0]:
+            raise ValueError(f"kv_append: k {k.shape} / v {v.shape} do not fit the cache {cache.k.shape}")
+        kvt = F16 if cache.k.dtype == np.float16 else F32  # f16: rounded to nearest even, as NumPy's astype
+        _ext.kv_store(self._ctx, k, t, h, d, cache.k, kvt, layer, cache.max_len, start)
+        _ext.kv_store(self._ctx, v, t, h, d, cache.v, kvt, layer, cache.max_len, start)
 
     def attention(self, q, cache: CpuKVCache, layer: int, start: int) -> np.ndarray:
         q = _f32(q)
@@ -312,6 +316,78 @@ class CpuBackend:
         kvt = F16 if cache.k.dtype == np.float16 else F32
         _ext.attention(self._ctx, q, t, hq, d, cache.k, cache.v, kvt, hkv, max_len, layer, start, y)
         return y
+
+    # -- fused decode ------------------------------------------------------------------------------
+    def decode_batch(self, net, ids: np.ndarray, segments) -> np.ndarray | None:
+        """A one-token step of ONE sequence through every layer in one C call (``decode_step``: the per-op
+        path's kernels in its order, so bit-identical logits without the Python between them); None (the
+        caller runs the per-op path) for batches and for models it does not describe."""
+        if len(segments) != 1:
+            return None
+        plan = self._decode_plan(net)
+        if plan is None:
+            return None
+        seg, cfg = segments[0], net.config
+        cache = seg.cache
+        if not isinstance(cache, CpuKVCache):
+            return None
+        if seg.start + 1 > cache.max_len:
+            raise ValueError(f"KV cache full: {seg.start + 1} positions > {cache.max_len}")
+        cos, sin = self._rope_tables(cfg.head_dim, float(cfg.rope_theta), seg.start + 1)
+        x = self.embed(net.embed, ids)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        kvt = F16 if cache.k.dtype == np.float16 else F32
+        _ext.decode_step(self._ctx, plan[0], len(net.layers), x, cfg.hidden_size, cfg.num_attention_heads,
+                         cfg.num_key_value_heads, cfg.head_dim, float(cfg.rms_norm_eps), seg.start, cache.k, cache.v,
+                         kvt, cache.max_len, cos, sin, cos.shape[0])
+        return self.dense_matmul(self.rmsnorm(x, net.norm.weight, net.norm.eps), net.lm_head)
+
+    def _decode_plan(self, net):
+        """(int64 [layers, 26] of weight addresses and sizes, the arrays it points into) for decode_step, built
+        once per model; None when a layer is not the fused BitNet / LLaMA shape."""
+        cached = getattr(self, "_plans", None)
+        if cached is None:
+            cached = self._plans = {}
+        key = id(net)
+        if key in cached and cached[key][2] is net:
+            return cached[key] if cached[key][0] is not None else None
+        rows, keep = [], []
+        from ...models.bitnet import BitNetLayer
+        from ...models.llama import LlamaLayer
+
+        for layer in net.layers:
+            if not isinstance(layer, (BitNetLayer, LlamaLayer)):
+                cached[key] = None, None, net
+                return None
+            qkv = getattr(getattr(layer, "qkv_proj", None), "fused", None)
+            gu = getattr(getattr(layer, "gate_up_proj", None), "fused", None)
+            o, down = getattr(layer, "o_proj", None), getattr(layer, "down_proj", None)
+            if qkv is None or gu is None or o is None or down is None or gu.w.out_features % 2:
+                cached[key] = None, None, net
+                return None
+            bits = {qkv.act_bits, gu.act_bits, o.act_bits, down.act_bits}
+            if len(bits) != 1:
+                cached[key] = None, None, net
+                return None
+
+            def norm(name):
+                n = getattr(layer, name, None)
+                if n is None:
+                    return 0
+                keep.append(n.weight)
+                return n.weight.ctypes.data
+
+            def tern(lin):
+                w = lin.w
+                keep.extend((w.data, w.row_scales))
+                return [w.data.ctypes.data, w.row_scales.ctypes.data, w.out_features, w.in_features, w.col_groups]
+
+            act = 2 if isinstance(layer, LlamaLayer) else 1  # OB_GLU_SILU / OB_GLU_RELU2
+            rows.append([norm("input_layernorm"), *tern(qkv), norm("attn_sub_norm"), *tern(o),
+                         norm("post_attention_layernorm"), *tern(gu), norm("ffn_sub_norm"), *tern(down),
+                         act, 1 if bits.pop() else 0])
+        cached[key] = np.array(rows, dtype=np.int64), keep, net
+        return cached[key]
 
     def glu(self, gate, up, act):
         gate, up = _f32(gate), _f32(up)

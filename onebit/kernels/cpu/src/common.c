@@ -1,4 +1,4 @@
-/* ISA-independent helpers: the ternary repack (load time) and half -> float. */
+/* ISA-independent helpers: the ternary repack (load time), half <-> float, the KV store. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -66,6 +66,40 @@ float ob_half_to_float(uint16_t h) {
     float f;
     memcpy(&f, &bits, 4);
     return f;
+}
+
+/* float -> IEEE half, round to nearest even (as NumPy's astype(float16)); NaN stays NaN, overflow is inf. */
+uint16_t ob_float_to_half(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000, ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u) return (uint16_t)(sign | 0x7c00 | (ax > 0x7f800000u ? 0x200 | ((ax >> 13) & 0x3ff) : 0));
+    if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00); /* >= 65520 rounds to inf */
+    if (ax < 0x38800000u) {                                  /* below 2^-14: a subnormal half, or zero */
+        if (ax < 0x33000000u) return (uint16_t)sign;         /* below 2^-25 */
+        uint32_t m = (ax & 0x7fffff) | 0x800000, shift = 126 - (ax >> 23); /* in units of 2^-24 */
+        uint32_t q = m >> shift, rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (q & 1))) q++;
+        return (uint16_t)(sign | q);
+    }
+    uint32_t h = (ax - 0x38000000u) >> 13, rem = ax & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;
+    return (uint16_t)(sign | h);
+}
+
+/* src f32 [T, H, D] -> the cache [H, max_len, D] (one layer) at positions start.., f32 or f16. */
+void ob_kv_store(const float *src, int T, int H, int D, void *dst, int kvtype, int max_len, int start) {
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < H; h++) {
+            const float *s = src + ((size_t)t * H + h) * D;
+            size_t off = ((size_t)h * max_len + (size_t)(start + t)) * D;
+            if (kvtype == OB_F32) {
+                memcpy((float *)dst + off, s, sizeof(float) * (size_t)D);
+            } else {
+                uint16_t *d = (uint16_t *)dst + off;
+                for (int i = 0; i < D; i++) d[i] = ob_float_to_half(s[i]);
+            }
+        }
 }
 
 void *ob_scratch(ob_ctx *c, int slot, size_t n) {

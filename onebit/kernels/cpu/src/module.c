@@ -161,6 +161,31 @@ static PyObject *py_repack(PyObject *self, PyObject *const *a, Py_ssize_t na) {
     Py_RETURN_NONE;
 }
 
+/* One linear and what surrounds it (caller holds c->mu): with nw, x is first RMSNorm'ed; int8 activations
+ * (i8) or float; the epilogue adds res or applies glu. 0 when out of memory. */
+static int run_ternary(ob_ctx *c, const float *x, int T, const ob_tern *w, float *y, int i8, int32_t *acc,
+                       const float *nw, float eps, const float *res, int glu) {
+    size_t nb = nw ? ((size_t)T * w->K * 4 + 63) & ~(size_t)63 : 0;
+    size_t qb = i8 ? ((size_t)T * w->Kp + 63) & ~(size_t)63 : 0, sb = ((size_t)T * w->C * 4 + 63) & ~(size_t)63;
+    char *s = ob_scratch(c, 0, nb + qb + sb + (size_t)T * 4);
+    if (!s) return 0;
+    const float *xin = x;
+    if (nw) {
+        c->k->rmsnorm(c, x, nw, T, w->K, eps, (float *)s);
+        xin = (const float *)s;
+    }
+    if (i8) {
+        int8_t *xq = (int8_t *)(s + nb);
+        int32_t *sums = (int32_t *)(s + nb + qb);
+        float *sx = (float *)(s + nb + qb + sb);
+        c->k->quant(c, xin, T, w->K, w->C, w->cg, w->gpad, xq, sums, sx);
+        c->k->tern_i8(c, w, xq, sums, sx, T, y, acc, res, glu);
+    } else {
+        c->k->tern_f32(c, w, xin, T, y, res, glu);
+    }
+    return 1;
+}
+
 /* ternary(ctx, x f32 [T, K], T, w, N, K, C, rs f32 [C, N], y f32 [T, N or N/2], int8_acts,
  *         acc int32 [C, T, N] | None, norm f32 [K] | None, eps, res f32 [T, N] | None, glu)
  * One call for a linear and what surrounds it: with norm, x is first RMSNorm'ed (the rmsnorm kernel); the
@@ -177,30 +202,10 @@ static PyObject *py_ternary(PyObject *self, PyObject *const *a, Py_ssize_t na) {
         return NULL;
     ob_tern w;
     tern_init(&w, wd, rs, N, K, C);
-    int ok = 1;
+    int ok;
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&c->mu);
-    size_t nb = nw ? ((size_t)T * K * 4 + 63) & ~(size_t)63 : 0;
-    size_t qb = i8 ? ((size_t)T * w.Kp + 63) & ~(size_t)63 : 0, sb = ((size_t)T * C * 4 + 63) & ~(size_t)63;
-    char *s = ob_scratch(c, 0, nb + qb + sb + (size_t)T * 4);
-    if (!s) {
-        ok = 0;
-    } else {
-        const float *xin = x;
-        if (nw) {
-            c->k->rmsnorm(c, x, nw, (int)T, (int)K, (float)eps, (float *)s);
-            xin = (const float *)s;
-        }
-        if (i8) {
-            int8_t *xq = (int8_t *)(s + nb);
-            int32_t *sums = (int32_t *)(s + nb + qb);
-            float *sx = (float *)(s + nb + qb + sb);
-            c->k->quant(c, xin, (int)T, w.K, w.C, w.cg, w.gpad, xq, sums, sx);
-            c->k->tern_i8(c, &w, xq, sums, sx, (int)T, y, acc, res, (int)glu);
-        } else {
-            c->k->tern_f32(c, &w, xin, (int)T, y, res, (int)glu);
-        }
-    }
+    ok = run_ternary(c, x, (int)T, &w, y, (int)i8, acc, nw, (float)eps, res, (int)glu);
     pthread_mutex_unlock(&c->mu);
     Py_END_ALLOW_THREADS
     release(&bs);
@@ -392,6 +397,100 @@ static PyObject *py_attention(PyObject *self, PyObject *const *a, Py_ssize_t na)
     Py_RETURN_NONE;
 }
 
+/* kv_store(ctx, src f32 [T, H, D], T, H, D, cache [L, H, max_len, D] (f32 / f16), kvtype, layer, max_len, start) */
+static PyObject *py_kv_store(PyObject *self, PyObject *const *a, Py_ssize_t na) {
+    (void)self;
+    bufs bs;
+    ob_ctx *c;
+    void *src, *dst;
+    Py_ssize_t T, H, D, kvt, layer, ml, start;
+    if (parse(a, na, "CRnnnWnnnn", &bs, &c, &src, &T, &H, &D, &dst, &kvt, &layer, &ml, &start) < 0) return NULL;
+    size_t off = (size_t)layer * H * ml * D * (kvt == OB_F32 ? 4 : 2);
+    Py_BEGIN_ALLOW_THREADS
+    ob_kv_store(src, (int)T, (int)H, (int)D, (char *)dst + off, (int)kvt, (int)ml, (int)start);
+    Py_END_ALLOW_THREADS
+    release(&bs);
+    Py_RETURN_NONE;
+}
+
+/* One decoder layer of the fused decode step, as int64 fields of a plan row (see CpuBackend._decode_plan). */
+enum { P_IN_NORM, P_QKV, P_ATTN_NORM = P_QKV + 5, P_O, P_POST_NORM = P_O + 5, P_GU, P_FFN_NORM = P_GU + 5, P_DOWN,
+       P_ACT = P_DOWN + 5, P_I8, P_FIELDS };
+
+static void plan_tern(const int64_t *f, ob_tern *w) {
+    tern_init(w, (const void *)(intptr_t)f[0], (const float *)(intptr_t)f[1], (Py_ssize_t)f[2], (Py_ssize_t)f[3],
+              (Py_ssize_t)f[4]);
+}
+
+/* decode_step(ctx, plan int64 [L, P_FIELDS], L, x f32 [hidden] (in/out), hidden, Hq, Hkv, D, eps, pos,
+ *             k, v caches [L, Hkv, max_len, D], kvtype, max_len, cos, sin f32 [P, D], P)
+ * One token through every layer in one call, with the same kernels in the same order as the per-op path
+ * (fused q/k/v linear, RoPE of q and k, KV store, attention, o / gate-up / down linears with their norms,
+ * residuals and gated activation), so the result is bit-identical to it. */
+static PyObject *py_decode_step(PyObject *self, PyObject *const *a, Py_ssize_t na) {
+    (void)self;
+    bufs bs;
+    ob_ctx *c;
+    void *plan, *x, *kc, *vc, *cs, *sn;
+    Py_ssize_t L, Hd, Hq, Hkv, D, pos, kvt, ml, P;
+    double eps;
+    if (parse(a, na, "CRnWnnnndnWWnnRRn", &bs, &c, &plan, &L, &x, &Hd, &Hq, &Hkv, &D, &eps, &pos, &kc, &vc, &kvt,
+              &ml, &cs, &sn, &P) < 0)
+        return NULL;
+    if (pos < 0 || pos >= ml || pos >= P) {
+        release(&bs);
+        return PyErr_Format(PyExc_ValueError, "decode_step: position %zd outside the cache or RoPE tables", pos);
+    }
+    const int64_t *pl = plan;
+    size_t nmax = (size_t)Hd;
+    for (Py_ssize_t l = 0; l < L; l++) {
+        const int64_t *f = pl + l * P_FIELDS;
+        size_t n[4] = {(size_t)f[P_QKV + 2], (size_t)f[P_O + 2], (size_t)f[P_GU + 2], (size_t)f[P_DOWN + 2]};
+        for (int i = 0; i < 4; i++) nmax = n[i] > nmax ? n[i] : nmax;
+    }
+    size_t qd = (size_t)Hq * D, kd = (size_t)Hkv * D, esz = kvt == OB_F32 ? 4 : 2;
+    float *buf = malloc(sizeof(float) * (nmax + 2 * qd + kd + nmax + (size_t)Hd));
+    if (!buf) {
+        release(&bs);
+        return PyErr_NoMemory();
+    }
+    float *qkv = buf, *qr = qkv + nmax, *kr = qr + qd, *att = kr + kd, *m = att + qd, *x2 = m + nmax;
+    int64_t p64 = pos;
+    int ok = 1;
+    float *h = x;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&c->mu);
+    for (Py_ssize_t l = 0; l < L && ok; l++) {
+        const int64_t *f = pl + l * P_FIELDS;
+        ob_tern wqkv, wo, wgu, wd;
+        plan_tern(f + P_QKV, &wqkv), plan_tern(f + P_O, &wo), plan_tern(f + P_GU, &wgu), plan_tern(f + P_DOWN, &wd);
+        int i8 = (int)f[P_I8], act = (int)f[P_ACT];
+        const float *n_in = (const float *)(intptr_t)f[P_IN_NORM], *n_attn = (const float *)(intptr_t)f[P_ATTN_NORM];
+        const float *n_post = (const float *)(intptr_t)f[P_POST_NORM], *n_ffn = (const float *)(intptr_t)f[P_FFN_NORM];
+        ok = run_ternary(c, h, 1, &wqkv, qkv, i8, NULL, n_in, (float)eps, NULL, OB_GLU_NONE);
+        if (!ok) break;
+        c->k->rope(c, qkv, 1, (int)Hq, (int)D, cs, sn, &p64, qr);
+        c->k->rope(c, qkv + qd, 1, (int)Hkv, (int)D, cs, sn, &p64, kr);
+        size_t loff = (size_t)l * Hkv * ml * D * esz;
+        ob_kv_store(kr, 1, (int)Hkv, (int)D, (char *)kc + loff, (int)kvt, (int)ml, (int)pos);
+        ob_kv_store(qkv + qd + kd, 1, (int)Hkv, (int)D, (char *)vc + loff, (int)kvt, (int)ml, (int)pos);
+        c->k->attention(c, qr, 1, (int)Hq, (int)D, (char *)kc + loff, (char *)vc + loff, (int)kvt, (int)Hkv, (int)ml,
+                        (int)pos, att);
+        ok = run_ternary(c, att, 1, &wo, x2, i8, NULL, n_attn, (float)eps, h, OB_GLU_NONE)
+             && (wgu.N % 8 == 0 /* gate/up tiles pair up: glu in the epilogue, else the glu kernel after */
+                     ? run_ternary(c, x2, 1, &wgu, m, i8, NULL, n_post, (float)eps, NULL, act)
+                     : run_ternary(c, x2, 1, &wgu, qkv, i8, NULL, n_post, (float)eps, NULL, OB_GLU_NONE)
+                       && (c->k->glu(c, qkv, qkv + wgu.N / 2, (size_t)(wgu.N / 2), act == OB_GLU_SILU, m), 1))
+             && run_ternary(c, m, 1, &wd, h, i8, NULL, n_ffn, (float)eps, x2, OB_GLU_NONE);
+    }
+    pthread_mutex_unlock(&c->mu);
+    Py_END_ALLOW_THREADS
+    free(buf);
+    release(&bs);
+    if (!ok) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"new_ctx", (PyCFunction)(void (*)(void))py_new_ctx, METH_FASTCALL, "new_ctx(isa, threads) -> context"},
     {"ctx_info", py_ctx_info, METH_O, "ctx_info(ctx) -> (isa, threads)"},
@@ -407,6 +506,8 @@ static PyMethodDef methods[] = {
     {"rope", (PyCFunction)(void (*)(void))py_rope, METH_FASTCALL, NULL},
     {"glu", (PyCFunction)(void (*)(void))py_glu, METH_FASTCALL, NULL},
     {"attention", (PyCFunction)(void (*)(void))py_attention, METH_FASTCALL, NULL},
+    {"kv_store", (PyCFunction)(void (*)(void))py_kv_store, METH_FASTCALL, NULL},
+    {"decode_step", (PyCFunction)(void (*)(void))py_decode_step, METH_FASTCALL, NULL},
     {NULL, NULL, 0, NULL},
 };
 

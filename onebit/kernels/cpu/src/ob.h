@@ -78,5 +78,8 @@ const char *const *ob_isa_all(void); /* NULL-terminated, best last */
 /* common.c: ISA-independent helpers */
 void ob_repack_ternary(ob_ctx *c, const uint8_t *packed, int N, int K, int C, uint8_t *dst);
 float ob_half_to_float(uint16_t h);
+uint16_t ob_float_to_half(float f); /* round to nearest even, as NumPy */
+/* src f32 [T, H, D] -> one layer's cache [H, max_len, D] (OB_F32 or OB_F16) at positions start.. */
+void ob_kv_store(const float *src, int T, int H, int D, void *dst, int kvtype, int max_len, int start);
 
 #endif
