@@ -108,6 +108,28 @@ class CpuKVCache:
         return self.k.nbytes + self.v.nbytes
 
 
+_HUGE = 2 << 20
+
+
+def huge_empty(shape, dtype) -> np.ndarray:
+    """np.empty, with Linux asked for transparent huge pages over it before anything touches it (the GEMVs
+    stream the weights once per token: 2 MB pages take the TLB misses out of that). ``ONEBIT_HUGEPAGES=0``
+    turns it off; elsewhere it is plain np.empty."""
+    a = np.empty(shape, dtype=dtype)
+    if a.nbytes >= 4 * _HUGE and os.environ.get("ONEBIT_HUGEPAGES", "1") != "0" and hasattr(os, "sched_getaffinity"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            lo = (a.ctypes.data + _HUGE - 1) & ~(_HUGE - 1)
+            hi = (a.ctypes.data + a.nbytes) & ~(_HUGE - 1)
+            if hi > lo:
+                libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 14)  # MADV_HUGEPAGE; advice only
+        except (OSError, AttributeError):
+            pass
+    return a
+
+
 def to_16bit(w: np.ndarray, chunk_rows: int = 8192) -> tuple[np.ndarray, int]:
     """(bits, wtype): bf16 if every value converts exactly, else fp16 if exact, else the float32 array."""
     w = np.ascontiguousarray(w, dtype=np.float32)
@@ -115,8 +137,10 @@ def to_16bit(w: np.ndarray, chunk_rows: int = 8192) -> tuple[np.ndarray, int]:
         return w, F32
     u = w.view(np.uint32)
     if all(not (u[i:i + chunk_rows] & 0xFFFF).any() for i in range(0, w.shape[0], chunk_rows)):
-        return (u >> 16).astype(np.uint16), BF16
-    h = np.empty(w.shape, dtype=np.float16)
+        b = huge_empty(w.shape, np.uint16)
+        np.right_shift(u, 16, out=b, casting="unsafe")
+        return b, BF16
+    h = huge_empty(w.shape, np.float16)
     for i in range(0, w.shape[0], chunk_rows):
         with np.errstate(over="ignore"):
             h[i:i + chunk_rows] = w[i:i + chunk_rows]
@@ -170,7 +194,7 @@ class CpuBackend:
         n, k = w.out_features, w.in_features
         c = w.scales.shape[1]
         gpad = -(-(k // c) // 256) * 256
-        data = np.empty(-(-n // 4) * 4 * c * gpad // 4, dtype=np.uint8)
+        data = huge_empty(-(-n // 4) * 4 * c * gpad // 4, np.uint8)
         _ext.repack(self._ctx, np.ascontiguousarray(w.packed), n, k, c, data)
         rs = np.ascontiguousarray(np.repeat(w.scales, w.row_group, axis=0).T, dtype=np.float32)  # [C, out]
         return CpuTernary(data, rs, n, k, c)
@@ -267,7 +291,7 @@ class CpuBackend:
         row_scale = max|row| / 127."""
         if w.int8 is None:
             n, k = w.w.shape
-            q = np.empty(-(-n // 4) * 4 * -(-k // 32) * 32, dtype=np.int8)  # 4-row tiles (src/module.c)
+            q = huge_empty(-(-n // 4) * 4 * -(-k // 32) * 32, np.int8)  # 4-row tiles (src/module.c)
             rs = np.empty(n, dtype=np.float32)
             _ext.quant_rows(self._ctx, w.w, w.wtype, n, k, q, rs)
             w.int8 = (q, rs)
