@@ -68,3 +68,9 @@ class Backend(Protocol):
         """[T, sum(sizes)] -> [T, size_i] blocks (the outputs of a fused q/k/v or gate/up matmul)."""
     def to_numpy(self, x: Any) -> np.ndarray:
         """float32 NumPy copy (logits leave the backend through here)."""
+
+    # -- optional ------------------------------------------------------------------------------------
+    # decode_batch(net, ids, segments) -> float32 logits [B, vocab] | None: a whole one-token-per-sequence step
+    #   owned by the backend (cuda: a captured CUDA graph; cpu: one sequence through every layer in one C call);
+    #   None hands the step back to the per-op path (CausalLM.forward_batch).
+    # warmup(net, max_batch): compile / capture what serving will use; the engine calls it before it is ready.

@@ -161,7 +161,7 @@ class CausalLM:
                 raise ValueError(f"context full: {cache.length} + {ids.size} tokens > {cache.max_len}")
             segments.append(Segment(cache, cache.length, ids.size))
             id_blocks.append(ids)
-        decode = getattr(b, "decode_batch", None)  # a backend's fused one-token-per-sequence step (cuda)
+        decode = getattr(b, "decode_batch", None)  # a backend's own one-token step (kernels/base.py)
         if decode is not None and all(s.n == 1 for s in segments):
             logits = decode(self, np.concatenate(id_blocks), segments)
             if logits is not None:
