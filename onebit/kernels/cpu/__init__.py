@@ -326,6 +326,11 @@ class CpuBackend:
             raise ValueError(f"KV cache full: {start + t} positions > {cache.max_len}")
         if cache.k.shape[1:] != (h, cache.max_len, d) or v.shape != k.shape or not 0 <= layer < cache.k.shape[0]:
             raise ValueError(f"kv_append: k {k.shape} / v {v.shape} do not fit the cache {cache.k.shape}")
+        if not all(a.dtype in (np.float32, np.float16) and a.dtype == cache.k.dtype and a.flags.c_contiguous
+                   for a in (cache.k, cache.v)):  # someone else's cache layout: let NumPy convert
+            cache.k[layer, :, start:start + t] = k.transpose(1, 0, 2)
+            cache.v[layer, :, start:start + t] = v.transpose(1, 0, 2)
+            return
         kvt = F16 if cache.k.dtype == np.float16 else F32  # f16: rounded to nearest even, as NumPy's astype
         _ext.kv_store(self._ctx, k, t, h, d, cache.k, kvt, layer, cache.max_len, start)
         _ext.kv_store(self._ctx, v, t, h, d, cache.v, kvt, layer, cache.max_len, start)
@@ -353,7 +358,7 @@ class CpuBackend:
             return None
         seg, cfg = segments[0], net.config
         cache = seg.cache
-        if not isinstance(cache, CpuKVCache):
+        if not isinstance(cache, CpuKVCache) or cache.k.dtype not in (np.float32, np.float16):
             return None
         if seg.start + 1 > cache.max_len:
             raise ValueError(f"KV cache full: {seg.start + 1} positions > {cache.max_len}")
