@@ -12,6 +12,7 @@ bit-identical; the float ternary matmul, SiLU, attention and the dense lm_head a
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -108,6 +109,14 @@ class CpuKVCache:
         return self.k.nbytes + self.v.nbytes
 
 
+def _kv_type(cache) -> int | None:
+    """F32 / F16 for a cache the C kernels read and write in place, None for another layout."""
+    if all(a.dtype in (np.float32, np.float16) and a.dtype == cache.k.dtype and a.flags.c_contiguous
+           for a in (cache.k, cache.v)):
+        return F16 if cache.k.dtype == np.float16 else F32
+    return None
+
+
 _HUGE = 2 << 20
 
 
@@ -116,7 +125,7 @@ def huge_empty(shape, dtype) -> np.ndarray:
     stream the weights once per token: 2 MB pages take the TLB misses out of that). ``ONEBIT_HUGEPAGES=0``
     turns it off; elsewhere it is plain np.empty."""
     a = np.empty(shape, dtype=dtype)
-    if a.nbytes >= 4 * _HUGE and os.environ.get("ONEBIT_HUGEPAGES", "1") != "0" and hasattr(os, "sched_getaffinity"):
+    if a.nbytes >= 4 * _HUGE and sys.platform.startswith("linux") and os.environ.get("ONEBIT_HUGEPAGES", "1") != "0":
         try:
             import ctypes
 
@@ -184,6 +193,7 @@ class CpuBackend:
         self._ctx = _ext.new_ctx(isa, int(threads or _default_threads()))
         self.isa, self.threads = _ext.ctx_info(self._ctx)
         self._rope: dict[tuple[int, float], tuple[np.ndarray, np.ndarray]] = {}
+        self._plans: dict[int, tuple] = {}  # id(net) -> (net, decode_step plan or None, arrays it points into)
 
     def __repr__(self) -> str:
         return (f"CpuBackend(isa={self.isa!r}, threads={self.threads}, lm_head={self.lm_head!r}, "
@@ -326,12 +336,11 @@ class CpuBackend:
             raise ValueError(f"KV cache full: {start + t} positions > {cache.max_len}")
         if cache.k.shape[1:] != (h, cache.max_len, d) or v.shape != k.shape or not 0 <= layer < cache.k.shape[0]:
             raise ValueError(f"kv_append: k {k.shape} / v {v.shape} do not fit the cache {cache.k.shape}")
-        if not all(a.dtype in (np.float32, np.float16) and a.dtype == cache.k.dtype and a.flags.c_contiguous
-                   for a in (cache.k, cache.v)):  # someone else's cache layout: let NumPy convert
+        kvt = _kv_type(cache)  # f16: rounded to nearest even, as NumPy's astype
+        if kvt is None:  # someone else's cache layout: let NumPy convert
             cache.k[layer, :, start:start + t] = k.transpose(1, 0, 2)
             cache.v[layer, :, start:start + t] = v.transpose(1, 0, 2)
             return
-        kvt = F16 if cache.k.dtype == np.float16 else F32  # f16: rounded to nearest even, as NumPy's astype
         _ext.kv_store(self._ctx, k, t, h, d, cache.k, kvt, layer, cache.max_len, start)
         _ext.kv_store(self._ctx, v, t, h, d, cache.v, kvt, layer, cache.max_len, start)
 
@@ -358,65 +367,25 @@ class CpuBackend:
             return None
         seg, cfg = segments[0], net.config
         cache = seg.cache
-        if not isinstance(cache, CpuKVCache) or cache.k.dtype not in (np.float32, np.float16):
+        kvt = _kv_type(cache) if isinstance(cache, CpuKVCache) else None
+        if kvt is None:
             return None
         if seg.start + 1 > cache.max_len:
             raise ValueError(f"KV cache full: {seg.start + 1} positions > {cache.max_len}")
         cos, sin = self._rope_tables(cfg.head_dim, float(cfg.rope_theta), seg.start + 1)
-        x = self.embed(net.embed, ids)
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        kvt = F16 if cache.k.dtype == np.float16 else F32
-        _ext.decode_step(self._ctx, plan[0], len(net.layers), x, cfg.hidden_size, cfg.num_attention_heads,
+        x = _f32(self.embed(net.embed, ids))  # a fresh array: the step updates it in place
+        _ext.decode_step(self._ctx, plan, len(net.layers), x, cfg.hidden_size, cfg.num_attention_heads,
                          cfg.num_key_value_heads, cfg.head_dim, float(cfg.rms_norm_eps), seg.start, cache.k, cache.v,
                          kvt, cache.max_len, cos, sin, cos.shape[0])
         return self.dense_matmul(self.rmsnorm(x, net.norm.weight, net.norm.eps), net.lm_head)
 
-    def _decode_plan(self, net):
-        """(int64 [layers, 26] of weight addresses and sizes, the arrays it points into) for decode_step, built
-        once per model; None when a layer is not the fused BitNet / LLaMA shape."""
-        cached = getattr(self, "_plans", None)
-        if cached is None:
-            cached = self._plans = {}
-        key = id(net)
-        if key in cached and cached[key][2] is net:
-            return cached[key] if cached[key][0] is not None else None
-        rows, keep = [], []
-        from ...models.bitnet import BitNetLayer
-        from ...models.llama import LlamaLayer
-
-        for layer in net.layers:
-            if not isinstance(layer, (BitNetLayer, LlamaLayer)):
-                cached[key] = None, None, net
-                return None
-            qkv = getattr(getattr(layer, "qkv_proj", None), "fused", None)
-            gu = getattr(getattr(layer, "gate_up_proj", None), "fused", None)
-            o, down = getattr(layer, "o_proj", None), getattr(layer, "down_proj", None)
-            if qkv is None or gu is None or o is None or down is None or gu.w.out_features % 2:
-                cached[key] = None, None, net
-                return None
-            bits = {qkv.act_bits, gu.act_bits, o.act_bits, down.act_bits}
-            if len(bits) != 1:
-                cached[key] = None, None, net
-                return None
-
-            def norm(name):
-                n = getattr(layer, name, None)
-                if n is None:
-                    return 0
-                keep.append(n.weight)
-                return n.weight.ctypes.data
-
-            def tern(lin):
-                w = lin.w
-                keep.extend((w.data, w.row_scales))
-                return [w.data.ctypes.data, w.row_scales.ctypes.data, w.out_features, w.in_features, w.col_groups]
-
-            act = 2 if isinstance(layer, LlamaLayer) else 1  # OB_GLU_SILU / OB_GLU_RELU2
-            rows.append([norm("input_layernorm"), *tern(qkv), norm("attn_sub_norm"), *tern(o),
-                         norm("post_attention_layernorm"), *tern(gu), norm("ffn_sub_norm"), *tern(down),
-                         act, 1 if bits.pop() else 0])
-        cached[key] = np.array(rows, dtype=np.int64), keep, net
-        return cached[key]
+    def _decode_plan(self, net) -> np.ndarray | None:
+        """int64 [layers, 26] of weight addresses and sizes for decode_step, built once per model (the arrays it
+        points into are kept with it); None when a layer is not the fused BitNet / LLaMA shape."""
+        have = self._plans.get(id(net))
+        if have is None or have[0] is not net:  # (a new model may reuse a freed one's id)
+            have = self._plans[id(net)] = (net, *_build_plan(net))
+        return have[1]
 
     def glu(self, gate, up, act):
         gate, up = _f32(gate), _f32(up)
@@ -445,3 +414,38 @@ class CpuBackend:
 
     def to_numpy(self, x):
         return np.asarray(x, dtype=np.float32)
+
+
+def _build_plan(net) -> tuple[np.ndarray | None, list]:
+    """(decode_step's plan, the arrays it points into), or (None, []) for a model it does not describe."""
+    from ...models.bitnet import BitNetLayer
+    from ...models.llama import LlamaLayer
+
+    rows, keep = [], []
+
+    def norm(layer, name):
+        n = getattr(layer, name, None)
+        if n is None:
+            return 0
+        keep.append(n.weight)
+        return n.weight.ctypes.data
+
+    def tern(lin):
+        w = lin.w
+        keep.extend((w.data, w.row_scales))
+        return [w.data.ctypes.data, w.row_scales.ctypes.data, w.out_features, w.in_features, w.col_groups]
+
+    for layer in net.layers:
+        if not isinstance(layer, (BitNetLayer, LlamaLayer)):
+            return None, []
+        qkv, gu = layer.qkv_proj.fused, layer.gate_up_proj.fused
+        if qkv is None or gu is None or gu.w.out_features % 2:
+            return None, []
+        bits = {qkv.act_bits, gu.act_bits, layer.o_proj.act_bits, layer.down_proj.act_bits}
+        if len(bits) != 1:
+            return None, []
+        act = 2 if isinstance(layer, LlamaLayer) else 1  # OB_GLU_SILU / OB_GLU_RELU2
+        rows.append([norm(layer, "input_layernorm"), *tern(qkv), norm(layer, "attn_sub_norm"), *tern(layer.o_proj),
+                     norm(layer, "post_attention_layernorm"), *tern(gu), norm(layer, "ffn_sub_norm"),
+                     *tern(layer.down_proj), act, 1 if bits.pop() else 0])
+    return np.array(rows, dtype=np.int64), keep

@@ -381,6 +381,11 @@ static PyObject *py_glu(PyObject *self, PyObject *const *a, Py_ssize_t na) {
     Py_RETURN_NONE;
 }
 
+/* Byte offset of layer `layer` in a KV cache [L, H, max_len, D] of f32 or f16. */
+static size_t kv_layer_offset(Py_ssize_t layer, Py_ssize_t H, Py_ssize_t max_len, Py_ssize_t D, Py_ssize_t kvt) {
+    return (size_t)layer * H * max_len * D * (kvt == OB_F32 ? 4 : 2);
+}
+
 /* attention(ctx, q [T, Hq, D], T, Hq, D, k, v [L, Hkv, max_len, D], kvtype, Hkv, max_len, layer, start, y) */
 static PyObject *py_attention(PyObject *self, PyObject *const *a, Py_ssize_t na) {
     (void)self;
@@ -390,7 +395,7 @@ static PyObject *py_attention(PyObject *self, PyObject *const *a, Py_ssize_t na)
     Py_ssize_t T, Hq, D, kvt, Hkv, ml, layer, start;
     if (parse(a, na, "CRnnnRRnnnnnW", &bs, &c, &q, &T, &Hq, &D, &k, &v, &kvt, &Hkv, &ml, &layer, &start, &y) < 0)
         return NULL;
-    size_t off = (size_t)layer * Hkv * ml * D * (kvt == OB_F32 ? 4 : 2);
+    size_t off = kv_layer_offset(layer, Hkv, ml, D, kvt);
     RUN(c, c->k->attention(c, q, (int)T, (int)Hq, (int)D, (char *)k + off, (char *)v + off, (int)kvt, (int)Hkv,
                            (int)ml, (int)start, y));
     release(&bs);
@@ -405,7 +410,7 @@ static PyObject *py_kv_store(PyObject *self, PyObject *const *a, Py_ssize_t na) 
     void *src, *dst;
     Py_ssize_t T, H, D, kvt, layer, ml, start;
     if (parse(a, na, "CRnnnWnnnn", &bs, &c, &src, &T, &H, &D, &dst, &kvt, &layer, &ml, &start) < 0) return NULL;
-    size_t off = (size_t)layer * H * ml * D * (kvt == OB_F32 ? 4 : 2);
+    size_t off = kv_layer_offset(layer, H, ml, D, kvt);
     Py_BEGIN_ALLOW_THREADS
     ob_kv_store(src, (int)T, (int)H, (int)D, (char *)dst + off, (int)kvt, (int)ml, (int)start);
     Py_END_ALLOW_THREADS
@@ -448,7 +453,7 @@ static PyObject *py_decode_step(PyObject *self, PyObject *const *a, Py_ssize_t n
         size_t n[4] = {(size_t)f[P_QKV + 2], (size_t)f[P_O + 2], (size_t)f[P_GU + 2], (size_t)f[P_DOWN + 2]};
         for (int i = 0; i < 4; i++) nmax = n[i] > nmax ? n[i] : nmax;
     }
-    size_t qd = (size_t)Hq * D, kd = (size_t)Hkv * D, esz = kvt == OB_F32 ? 4 : 2;
+    size_t qd = (size_t)Hq * D, kd = (size_t)Hkv * D;
     float *buf = malloc(sizeof(float) * (nmax + 2 * qd + kd + nmax + (size_t)Hd));
     if (!buf) {
         release(&bs);
@@ -471,17 +476,21 @@ static PyObject *py_decode_step(PyObject *self, PyObject *const *a, Py_ssize_t n
         if (!ok) break;
         c->k->rope(c, qkv, 1, (int)Hq, (int)D, cs, sn, &p64, qr);
         c->k->rope(c, qkv + qd, 1, (int)Hkv, (int)D, cs, sn, &p64, kr);
-        size_t loff = (size_t)l * Hkv * ml * D * esz;
+        size_t loff = kv_layer_offset(l, Hkv, ml, D, kvt);
         ob_kv_store(kr, 1, (int)Hkv, (int)D, (char *)kc + loff, (int)kvt, (int)ml, (int)pos);
         ob_kv_store(qkv + qd + kd, 1, (int)Hkv, (int)D, (char *)vc + loff, (int)kvt, (int)ml, (int)pos);
         c->k->attention(c, qr, 1, (int)Hq, (int)D, (char *)kc + loff, (char *)vc + loff, (int)kvt, (int)Hkv, (int)ml,
                         (int)pos, att);
-        ok = run_ternary(c, att, 1, &wo, x2, i8, NULL, n_attn, (float)eps, h, OB_GLU_NONE)
-             && (wgu.N % 8 == 0 /* gate/up tiles pair up: glu in the epilogue, else the glu kernel after */
-                     ? run_ternary(c, x2, 1, &wgu, m, i8, NULL, n_post, (float)eps, NULL, act)
-                     : run_ternary(c, x2, 1, &wgu, qkv, i8, NULL, n_post, (float)eps, NULL, OB_GLU_NONE)
-                       && (c->k->glu(c, qkv, qkv + wgu.N / 2, (size_t)(wgu.N / 2), act == OB_GLU_SILU, m), 1))
-             && run_ternary(c, m, 1, &wd, h, i8, NULL, n_ffn, (float)eps, x2, OB_GLU_NONE);
+        ok = run_ternary(c, att, 1, &wo, x2, i8, NULL, n_attn, (float)eps, h, OB_GLU_NONE);
+        if (!ok) break;
+        if (wgu.N % 8 == 0) { /* gate/up tiles pair up: glu in the epilogue */
+            ok = run_ternary(c, x2, 1, &wgu, m, i8, NULL, n_post, (float)eps, NULL, act);
+        } else {              /* as the per-op path: the product, then the glu kernel */
+            ok = run_ternary(c, x2, 1, &wgu, qkv, i8, NULL, n_post, (float)eps, NULL, OB_GLU_NONE);
+            if (ok) c->k->glu(c, qkv, qkv + wgu.N / 2, (size_t)(wgu.N / 2), act == OB_GLU_SILU, m);
+        }
+        if (!ok) break;
+        ok = run_ternary(c, m, 1, &wd, h, i8, NULL, n_ffn, (float)eps, x2, OB_GLU_NONE);
     }
     pthread_mutex_unlock(&c->mu);
     Py_END_ALLOW_THREADS
