@@ -13,8 +13,9 @@ Portable Triton only (no inline assembly), so Triton's AMD backend can compile t
 
 Kernel families: ``gemv`` (1-16 tokens, CUDA cores, weights unpacked in registers and reused across tokens,
 with fused prologues (RMSNorm + quantization) and epilogues (residual add, gated activation, RoPE + KV append)),
-``gemm`` (more tokens: tensor-core ``tl.dot`` on unpacked int8 tiles), ``norm_quant``, split-KV decode
-attention + merge, causal prefill attention, RoPE, embedding gather.
+``gemm`` (more tokens, and int8 rows such as the int8 lm_head at any token count: tensor-core ``tl.dot`` on
+int8 tiles), ``norm_quant``, split-KV decode attention (CUDA-core FMAs, 16-byte vector loads of the cache) +
+merge, causal prefill attention, RoPE, embedding gather.
 """
 
 from __future__ import annotations
@@ -299,11 +300,21 @@ def _gemm_kernel(x_ptr, sx_ptr, w_ptr, sc_ptr, out_ptr, M, K, KW, N, C, G,
 
 
 @triton.jit
+def _kv_rows(base, pos, d, ROW: tl.constexpr):
+    """Pointers to rows pos [BLOCK] (elements d [D]) of a cache found through a table (ROW elements apart).
+    The table's addresses carry no alignment Triton can see; the caches are whole allocations (256-byte
+    aligned) with 16-element-aligned rows, and saying so lets the loads be 16-byte vectors, not 2-byte ones."""
+    ptrs = base + pos[:, None] * ROW + d[None, :]
+    return tl.max_contiguous(tl.multiple_of(ptrs, [16, 16]), [1, 16])
+
+
+@triton.jit
 def _decode_attn_kernel(q_ptr, base_ptr, maxlen_ptr, len_ptr, part_o_ptr, part_ml_ptr, layer, scale,
                         HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GP: tl.constexpr,
                         SPLITS: tl.constexpr, BLOCK: tl.constexpr, KVF32: tl.constexpr):
-    """One (sequence b, kv head h, split s): the group's GP (>= 16, padded) query heads over positions
-    [s * chunk, (s + 1) * chunk) of the first len[b]; partial output and (max, sum) for the merge."""
+    """One (sequence b, kv head h, split s): the group's query heads (GP >= the group, padded) over positions
+    [s * chunk, (s + 1) * chunk) of the first len[b]; partial output and (max, sum) for the merge. Scores and
+    the weighted sum are float32 FMAs on CUDA cores (one query per head: no tensor-core tile to fill)."""
     b, h, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     GROUP: tl.constexpr = HQ // HKV
     n = tl.load(len_ptr + b)
@@ -320,23 +331,22 @@ def _decode_attn_kernel(q_ptr, base_ptr, maxlen_ptr, len_ptr, part_o_ptr, part_m
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
     qmask = g[:, None] < GROUP
-    q = tl.load(q_ptr + (b * HQ + h * GROUP + g[:, None]) * D + d[None, :], mask=qmask, other=0.0)
-    q = q * scale
+    q = tl.load(q_ptr + (b * HQ + h * GROUP + g[:, None]) * D + d[None, :], mask=qmask, other=0.0) * scale
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], dtype=tl.float32)
     acc = tl.zeros([GP, D], dtype=tl.float32)
     for p0 in range(lo, hi, BLOCK):
         p = p0 + tl.arange(0, BLOCK)
-        pmask = p < hi
-        k = tl.load(k_base + p[:, None] * HKV * D + d[None, :], mask=pmask[:, None], other=0.0).to(tl.float32)
-        sc = tl.dot(q, tl.trans(k), input_precision="ieee")  # float32 math whatever the cache stores
-        sc = tl.where(pmask[None, :], sc, float("-inf"))
+        pmask = (p < hi)[:, None]
+        k = tl.load(_kv_rows(k_base, p, d, HKV * D), mask=pmask, other=0.0).to(tl.float32)
+        v = tl.load(_kv_rows(v_base, p, d, HKV * D), mask=pmask, other=0.0).to(tl.float32)
+        sc = tl.sum(q[:, None, :] * k[None, :, :], 2)
+        sc = tl.where((p < hi)[None, :], sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, 1))
         alpha = tl.exp(m_i - m_new)
         pr = tl.exp(sc - m_new[:, None])
         l_i = l_i * alpha + tl.sum(pr, 1)
-        v = tl.load(v_base + p[:, None] * HKV * D + d[None, :], mask=pmask[:, None], other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(pr, v, input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.sum(pr[:, :, None] * v[None, :, :], 1)
         m_i = m_new
     row = (b * HQ + h * GROUP + g) * SPLITS + sp
     tl.store(part_o_ptr + row[:, None] * D + d[None, :], acc, mask=qmask)
@@ -444,6 +454,7 @@ def _rope_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, H, HALF: tl.constexp
 
 GEMV_MAX_TOKENS = 4
 FUSE_PROLOGUE_MAX_WORDS = 256  # fuse RMSNorm + quantization into ternary gemvs with K <= 4096
+ATTN_BLOCK = 16  # positions per decode-attention step (16 and 32 measured alike on an H200; 64 slower)
 _DUMMY: dict = {}
 
 
@@ -504,18 +515,20 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
     d = _dummy(dev)
     xq = sx is not None
     n_out = w.n // 2 if glu is not None else w.n
-    if m > GEMV_MAX_TOKENS:
+    if m > GEMV_MAX_TOKENS or (w.kind == W_INT8 and (xq or quant) and qkv is None):
+        # int8 rows (the int8 lm_head) go to the tensor cores even for one token: nothing to unpack, and the
+        # int8 mma reads a 128k x 2560 head at ~94% of a plain read's pace (the gemv: ~73%)
         if qkv is not None:
             raise ValueError("the fused RoPE + KV append epilogue is for decode steps")
         if not xq and (norm is not None or quant):
             xn = norm_quant(x, norm, eps, quant=quant)
             x, sx, xq = (xn[0], xn[1], True) if quant else (xn, None, False)
         y = out if (residual and glu is None) else torch.empty((m, w.n), dtype=torch.float32, device=dev)
-        bm = 64 if m > 32 else 32
+        bm = 64 if m > 32 else 32 if m > 16 or w.kind != W_INT8 else 16
         grid = (triton.cdiv(m, bm), triton.cdiv(w.n, 64))
         _gemm_kernel[grid](x, sx if xq else d, w.data, w.scales, y, m, w.k, w.kw, w.n, w.c, w.g,
                            XQ=xq, WK=w.kind, RESIDUAL=residual and glu is None, BM=bm, BN=64,
-                           BKW=32 if w.kind == W_TERNARY else 64, num_warps=4, num_stages=2)
+                           BKW=32 if w.kind == W_TERNARY else 256 if bm == 16 else 64, num_warps=4, num_stages=2)
         if glu is None:
             return y
         g, u = y[:, :n_out], y[:, n_out:]
@@ -556,9 +569,10 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
 
 
 def choose_splits(batch: int, hkv: int, max_ctx: int, sms: int) -> int:
-    """Enough (sequence, kv head, split) programs to fill the SMs twice, each split >= 64 positions."""
-    want = max(1, (2 * sms) // max(1, batch * hkv))
-    return max(1, min(want, 16, max(1, max_ctx // 64)))
+    """Enough (sequence, kv head, split) programs to fill the SMs four times, at most 64 splits, each split
+    >= 64 positions (a split's loads are one round trip that the decode step waits for)."""
+    want = max(1, (4 * sms) // max(1, batch * hkv))
+    return max(1, min(want, 64, max(1, max_ctx // 64)))
 
 
 def decode_attention_tables(q: torch.Tensor, base: torch.Tensor, maxlen: torch.Tensor, lengths: torch.Tensor,
@@ -570,14 +584,14 @@ def decode_attention_tables(q: torch.Tensor, base: torch.Tensor, maxlen: torch.T
     partial output and (max, sum), the merge kernel combines them with log-sum-exp."""
     b, hq, d = q.shape
     dev = q.device
-    gp = max(16, _pow2(hq // hkv))
+    gp = max(2, _pow2(hq // hkv))
     scr = scratch if scratch is not None else {}
     if scr.get("po") is None or scr["po"].shape[0] < b * hq * splits:
         scr["po"] = torch.empty((b * hq * splits, d), dtype=torch.float32, device=dev)
         scr["pml"] = torch.empty((b * hq * splits, 2), dtype=torch.float32, device=dev)
     _decode_attn_kernel[(b, hkv, splits)](q, base, maxlen, lengths, scr["po"], scr["pml"], layer, d ** -0.5,
-                                          HQ=hq, HKV=hkv, D=d, GP=gp, SPLITS=splits, BLOCK=64, KVF32=kv_f32,
-                                          num_warps=4)
+                                          HQ=hq, HKV=hkv, D=d, GP=gp, SPLITS=splits, BLOCK=ATTN_BLOCK,
+                                          KVF32=kv_f32, num_warps=4, num_stages=1)
     out = torch.empty((b, hq * d), dtype=torch.float32, device=dev)
     _merge_kernel[(b * hq,)](scr["po"], scr["pml"], out, D=d, SPLITS=splits, SP=max(2, _pow2(splits)),
                              num_warps=2)
