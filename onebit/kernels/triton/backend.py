@@ -4,7 +4,8 @@ CUDA-graph-captured decode step.
 Two paths:
 - the protocol (prefill, perplexity, anything with more than one new token per sequence): each op is a kernel;
   ``rmsnorm`` returns a lazy ``Normed`` that the next matmul fuses into its prologue (with the int8
-  quantization), so a ternary linear is one kernel for up to 16 tokens;
+  quantization), so a ternary linear is one kernel for up to 4 tokens (``GEMV_MAX_TOKENS``; more go
+  through a norm + quantization kernel and the tensor-core GEMM);
 - ``decode_batch`` (every sequence adds one token): seven kernels per layer (q/k/v matmul with RMSNorm +
   quantization prologue and RoPE + KV-append epilogue; split-KV attention; merge; o matmul with sub-norm +
   quantization prologue and residual epilogue; gate/up matmul + gated activation; sub-norm + quantization;

@@ -11,7 +11,7 @@ Portable Triton only (no inline assembly), so Triton's AMD backend can compile t
 - KV caches are float16 ``[layers, 2, max_len, Hkv, D]`` per sequence; batched decode kernels find each
   sequence's cache through a table of base addresses, so one CUDA graph serves any set of sequences.
 
-Kernel families: ``gemv`` (1-16 tokens, CUDA cores, weights unpacked in registers and reused across tokens,
+Kernel families: ``gemv`` (1-4 tokens: GEMV_MAX_TOKENS; CUDA cores, weights unpacked in registers and reused across tokens,
 with fused prologues (RMSNorm + quantization) and epilogues (residual add, gated activation, RoPE + KV append)),
 ``gemm`` (more tokens, and int8 rows such as the int8 lm_head at any token count: tensor-core ``tl.dot`` on
 int8 tiles), ``norm_quant``, split-KV decode attention (CUDA-core FMAs, 16-byte vector loads of the cache) +
@@ -337,11 +337,11 @@ def _decode_attn_kernel(q_ptr, base_ptr, maxlen_ptr, len_ptr, part_o_ptr, part_m
     acc = tl.zeros([GP, D], dtype=tl.float32)
     for p0 in range(lo, hi, BLOCK):
         p = p0 + tl.arange(0, BLOCK)
-        pmask = (p < hi)[:, None]
-        k = tl.load(_kv_rows(k_base, p, d, HKV * D), mask=pmask, other=0.0).to(tl.float32)
-        v = tl.load(_kv_rows(v_base, p, d, HKV * D), mask=pmask, other=0.0).to(tl.float32)
+        pmask = p < hi
+        k = tl.load(_kv_rows(k_base, p, d, HKV * D), mask=pmask[:, None], other=0.0).to(tl.float32)
+        v = tl.load(_kv_rows(v_base, p, d, HKV * D), mask=pmask[:, None], other=0.0).to(tl.float32)
         sc = tl.sum(q[:, None, :] * k[None, :, :], 2)
-        sc = tl.where((p < hi)[None, :], sc, float("-inf"))
+        sc = tl.where(pmask[None, :], sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, 1))
         alpha = tl.exp(m_i - m_new)
         pr = tl.exp(sc - m_new[:, None])
