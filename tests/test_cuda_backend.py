@@ -239,6 +239,25 @@ def test_warmup_captures_each_bucket_and_leaves_results_unchanged():
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
+def test_decode_past_the_rope_tables_grows_them():
+    """A decode step whose RoPE tables end before the position grows them (and captures its graph again)
+    instead of reading past them."""
+    cfg = CONFIGS["bitnet-int8"]
+    ref, fast = models(cfg, seed=fresh_seed())
+    ids = rng().integers(0, cfg.vocab_size, 13)
+    rc, fc = ref.make_cache(32), fast.make_cache(32)
+    ref.forward(ids[:8], rc)
+    fast.forward(ids[:8], fc)
+    for net, c in ((ref, rc), (fast, fc)):
+        net.forward(ids[8:9], c)  # the first fused step (bucket 1)
+    step = next(iter(fast.backend._steps.values()))
+    step.cos, step.sin = step.cos[:10], step.sin[:10]  # as if the tables ended at position 9
+    for t in ids[9:]:
+        a, b = ref.forward(np.array([t]), rc)[-1], fast.forward(np.array([t]), fc)[-1]
+        assert np.abs(a - b).max() <= BOUND["bitnet-int8"] * np.abs(a).max()
+    assert step.cos.shape[0] > 12 and step.runs >= 1
+
+
 @pytest.mark.parametrize("n_seq", [4, 5, 18])
 def test_batched_decode_equals_decoding_alone(n_seq):
     cfg = CONFIGS["bitnet-int8"]

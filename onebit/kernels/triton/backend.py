@@ -110,18 +110,10 @@ class TritonCudaBackend:
 
     # -- load time ---------------------------------------------------------------------------------
     def prepare_ternary(self, w: TernaryWeight) -> K.Matrix:
-        """Repack into 16 bit-strips: word j of row n holds input i * KW + j in bits 2i (see kernels.py)."""
-        n, k = w.out_features, w.in_features
-        kw = -(-k // 16)
-        codes = np.ones((n, 16 * kw), dtype=np.uint32)  # code 1 = zero for the padding inputs
-        codes[:, :k] = w.ternary() + 1
-        codes = codes.reshape(n, 16, kw)
-        words = np.zeros((n, kw), dtype=np.uint32)
-        for i in range(16):
-            words |= codes[:, i, :] << np.uint32(2 * i)
+        """Repack into the kernels' paired-row words (``K.TernaryLayout``), packed on the device."""
+        codes = self._put((w.ternary() + 1).astype(np.int8))
         scales = np.ascontiguousarray(np.repeat(w.scales, w.row_group, axis=0).T)  # [C, N]
-        return K.Matrix(K.W_TERNARY, self._put(words.view(np.int32)), self._put(scales), n, k,
-                        groups=w.scales.shape[1])
+        return K.Matrix.ternary(codes, self._put(scales), groups=w.scales.shape[1])
 
     def prepare_dense(self, w: np.ndarray):
         w = np.asarray(w, dtype=np.float32)
@@ -300,6 +292,7 @@ def _layer_plans(net) -> list[LayerPlan] | None:
         fused = (layer.qkv_proj.fused, layer.gate_up_proj.fused)
         if fused[0] is None or fused[1] is None:
             return None
+        fused[0].w.repair(d // 2)  # the RoPE + KV-append epilogue pairs each head's two halves
         plans.append(LayerPlan(
             in_norm=layer.input_layernorm.weight, qkv=fused[0].w,
             attn_sub_norm=getattr(getattr(layer, "attn_sub_norm", None), "weight", None), o=layer.o_proj.w,
@@ -345,6 +338,10 @@ class DecodeStep:
                 raise ValueError("every cache of a decode step must come from this backend's make_cache")
             if s.start + 1 > s.cache.max_len:
                 raise ValueError(f"context full: {s.start} + 1 tokens > {s.cache.max_len}")
+        if max(s.start for s in segments) >= self.cos.shape[0]:  # positions past the RoPE tables: grow them
+            self.cos, self.sin = self.be.rope_tables(float(self.cfg.rope_theta), self.d // 2,
+                                                     2 * max(s.start for s in segments) + 1)
+            self.graph, self.runs = None, 0  # the graph read the old tables: capture again
         self.h_ids[:n] = torch.from_numpy(np.asarray(ids, dtype=np.int64))
         self.h_ids[n:] = 0
         starts = [s.start for s in segments] + [0] * (self.bucket - n)

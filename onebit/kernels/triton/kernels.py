@@ -38,12 +38,21 @@ if os.environ.get("TRITON_INTERPRET") == "1":  # Triton's CPU interpreter (tests
     @triton.jit
     def _round_half_even(v):
         return (v + _RNE) - _RNE  # 1.5 * 2**23: exact round-half-even for |v| < 2**22 in NumPy's float32
+
+    @triton.jit
+    def _mul_rn(a, b):
+        return a * b
 else:
     @triton.jit
     def _round_half_even(v):
         # rint, not the magic-number trick: the compiler may contract v = x * s into an FMA there, rounding the
         # exact product instead of its float32 value as the reference does
         return libdevice.rint(v)
+
+    @triton.jit
+    def _mul_rn(a, b):
+        # a product never contracted with a later add into an FMA (a residual add must round like torch's)
+        return libdevice.mul_rn(a, b)
 
 
 @triton.jit
@@ -72,22 +81,45 @@ def _row_stats(x_ptr, nw_ptr, m, K, eps, NORM: tl.constexpr, QUANT: tl.constexpr
 
 
 @triton.jit
+def _prep_row(x_ptr, nw_ptr, q_ptr, y_ptr, m, K, eps, NORM: tl.constexpr, QUANT: tl.constexpr, BK: tl.constexpr,
+              ONE: tl.constexpr):
+    """Row m of x [M, K]: y = rmsnorm(x) (NORM), then with QUANT q = int8(y) into q_ptr [M, K] (returns s),
+    without it y into y_ptr. ONE: the row is one BK block (read once, kept in registers); else three passes."""
+    offs = tl.arange(0, BK)
+    s = 1.0
+    if ONE:
+        mask = offs < K
+        y = tl.load(x_ptr + m * K + offs, mask=mask, other=0.0)
+        if NORM:
+            rstd = tl.sqrt_rn(tl.sum(y * y, 0) / K + eps)
+            y = (y / rstd) * tl.load(nw_ptr + offs, mask=mask, other=0.0)
+        if QUANT:
+            s = 127.0 / tl.maximum(tl.max(tl.abs(y), 0), 1e-5)
+            q = tl.minimum(tl.maximum(_round_half_even(y * s), -128.0), 127.0)
+            tl.store(q_ptr + m * K + offs, q.to(tl.int8), mask=mask)
+        else:
+            tl.store(y_ptr + m * K + offs, y, mask=mask)
+    else:
+        rstd, s = _row_stats(x_ptr, nw_ptr, m, K, eps, NORM, QUANT, BK)
+        for k0 in range(0, K, BK):
+            mask = k0 + offs < K
+            y = tl.load(x_ptr + m * K + k0 + offs, mask=mask, other=0.0)
+            if NORM:
+                y = (y / rstd) * tl.load(nw_ptr + k0 + offs, mask=mask, other=0.0)
+            if QUANT:
+                q = tl.minimum(tl.maximum(_round_half_even(y * s), -128.0), 127.0)
+                tl.store(q_ptr + m * K + k0 + offs, q.to(tl.int8), mask=mask)
+            else:
+                tl.store(y_ptr + m * K + k0 + offs, y, mask=mask)
+    return s
+
+
+@triton.jit
 def _norm_quant_kernel(x_ptr, nw_ptr, q_ptr, s_ptr, y_ptr, K, eps,
-                       NORM: tl.constexpr, QUANT: tl.constexpr, BK: tl.constexpr):
+                       NORM: tl.constexpr, QUANT: tl.constexpr, BK: tl.constexpr, ONE: tl.constexpr):
     """Row m: y = rmsnorm(x) (NORM) then, with QUANT, q = int8(y) and s; without QUANT y is stored in float."""
     m = tl.program_id(0)
-    rstd, s = _row_stats(x_ptr, nw_ptr, m, K, eps, NORM, QUANT, BK)
-    offs = tl.arange(0, BK)
-    for k0 in range(0, K, BK):
-        mask = k0 + offs < K
-        y = tl.load(x_ptr + m * K + k0 + offs, mask=mask, other=0.0)
-        if NORM:
-            y = (y / rstd) * tl.load(nw_ptr + k0 + offs, mask=mask, other=0.0)
-        if QUANT:
-            q = tl.minimum(tl.maximum(_round_half_even(y * s), -128.0), 127.0)
-            tl.store(q_ptr + m * K + k0 + offs, q.to(tl.int8), mask=mask)
-        else:
-            tl.store(y_ptr + m * K + k0 + offs, y, mask=mask)
+    s = _prep_row(x_ptr, nw_ptr, q_ptr, y_ptr, m, K, eps, NORM, QUANT, BK, ONE)
     if QUANT:
         tl.store(s_ptr + m, s)
 
@@ -111,61 +143,31 @@ def _load_x(x_ptr, sx_ptr, nw_ptr, m, kk, K, rstd, s, XQ: tl.constexpr, NORM: tl
 
 
 @triton.jit
-def _gemv_rows(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, rows, m, K, KW, N, C, G, rstd, s,
-               XQ: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr, WK: tl.constexpr,
-               BN: tl.constexpr, BKW: tl.constexpr):
-    """float32 [BN]: row m of x times weight rows ``rows``, scaled (per column group for ternary).
-
-    Ternary words hold input ``i * KW + j`` of word ``j`` in bits ``2 i`` (16 strips of KW inputs), so the
-    activations each bit position meets are contiguous. Codes (t + 1) multiply the activations and
-    ``sum(x)`` is subtracted once: sum((c - 1) x) = sum(c x) - sum(x)."""
+def _gemv_rows(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, rows, m, K, N, rstd, s,
+               XQ: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr):
+    """float32 [BN]: row m of x times the int8 / 16-bit weight rows ``rows``, times their scales."""
     INT: tl.constexpr = XQ or QUANT
-    out = tl.zeros([BN], dtype=tl.float32)
     if XQ:
         s = tl.load(sx_ptr + m)
     rmask = rows < N
-    for g in range(0, C):
-        lo = g * G
-        if WK == 0:
-            jb = tl.arange(0, BKW)
-            if INT:
-                acc2 = tl.zeros([BN, BKW], dtype=tl.int32)
-                xs = tl.zeros([BKW], dtype=tl.int32)
-            else:
-                acc2 = tl.zeros([BN, BKW], dtype=tl.float32)
-                xs = tl.zeros([BKW], dtype=tl.float32)
-            for j0 in range(0, KW, BKW):
-                j = j0 + jb
-                words = tl.load(w_ptr + rows[:, None] * KW + j[None, :], mask=rmask[:, None] & (j[None, :] < KW),
-                                other=0)
-                for i in tl.static_range(16):
-                    kk = i * KW + j
-                    x = _load_x(x_ptr, sx_ptr, nw_ptr, m, kk, K, rstd, s, XQ, NORM, QUANT)
-                    x = tl.where((j < KW) & (kk >= lo) & (kk < lo + G), x, 0)
-                    acc2 += ((words >> (2 * i)) & 3) * x[None, :]
-                    xs += x
-            acc = tl.sum(acc2, 1) - tl.sum(xs, 0)
-        else:
-            kb = tl.arange(0, BKW)
-            if INT:
-                acc2 = tl.zeros([BN, BKW], dtype=tl.int32)
-            else:
-                acc2 = tl.zeros([BN, BKW], dtype=tl.float32)
-            for k0 in range(0, K, BKW):
-                kk = k0 + kb
-                x = _load_x(x_ptr, sx_ptr, nw_ptr, m, kk, K, rstd, s, XQ, NORM, QUANT)
-                w = tl.load(w_ptr + rows[:, None] * K + kk[None, :], mask=rmask[:, None] & (kk[None, :] < K), other=0)
-                if INT:
-                    acc2 += w.to(tl.int32) * x[None, :]
-                else:
-                    acc2 += w.to(tl.float32) * x[None, :]
-            acc = tl.sum(acc2, 1)
-        scale = tl.load(sc_ptr + g * N + rows, mask=rmask, other=0.0)
+    kb = tl.arange(0, BKW)
+    if INT:
+        acc2 = tl.zeros([BN, BKW], dtype=tl.int32)
+    else:
+        acc2 = tl.zeros([BN, BKW], dtype=tl.float32)
+    for k0 in range(0, K, BKW):
+        kk = k0 + kb
+        x = _load_x(x_ptr, sx_ptr, nw_ptr, m, kk, K, rstd, s, XQ, NORM, QUANT)
+        w = tl.load(w_ptr + rows[:, None] * K + kk[None, :], mask=rmask[:, None] & (kk[None, :] < K), other=0)
         if INT:
-            out += (acc.to(tl.float32) / s) * scale
+            acc2 += w.to(tl.int32) * x[None, :]
         else:
-            out += acc * scale
-    return out
+            acc2 += w.to(tl.float32) * x[None, :]
+    acc = tl.sum(acc2, 1)
+    scale = tl.load(sc_ptr + rows, mask=rmask, other=0.0)
+    if INT:
+        return (acc.to(tl.float32) / s) * scale
+    return acc * scale
 
 
 @triton.jit
@@ -196,102 +198,275 @@ def _rope_store_head(lo, hi, d, head, row, pos, q_out_ptr, cos_ptr, sin_ptr, bas
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, M, K, KW, N, C, G, eps,
-                 # EPI_QKV: q out, RoPE tables, positions, cache tables
-                 q_out_ptr, cos_ptr, sin_ptr, pos_ptr, base_ptr, maxlen_ptr, layer, HQ, HKV,
-                 XQ: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr, WK: tl.constexpr,
-                 EPI: tl.constexpr, ACT: tl.constexpr, PAIR: tl.constexpr, HALF_D: tl.constexpr,
-                 KVF32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, BK: tl.constexpr):
-    """y[m, n] = x[m] . W[n] for M <= BM tokens; the weight tile is unpacked once per block for all tokens.
-
-    EPI_STORE: out[m, n] = y. EPI_RESIDUAL: out[m, n] += y. EPI_GLU: rows n and n + PAIR (gate, up) ->
-    out[m, n] = act(gate) * up. EPI_QKV: rows n and n + HALF_D of one head: q heads are rotated (RoPE at
-    pos[m]) into q_out, k heads rotated and v heads copied into each sequence's float16 cache."""
-    pid = tl.program_id(0)
-    if EPI == 3:
-        per_head: tl.constexpr = HALF_D // BN
-        head = pid // per_head
-        rows = head * 2 * HALF_D + (pid % per_head) * BN + tl.arange(0, BN)
-    else:
-        rows = pid * BN + tl.arange(0, BN)
+def _gemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, M, K, N, eps,
+                 XQ: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr, RESIDUAL: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, BK: tl.constexpr):
+    """Dense rows (the 16-bit lm_head): out[m, n] = x[m] . W[n] (+= with RESIDUAL) for M <= BM tokens."""
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
     for mi in tl.static_range(BM):
         if mi < M:
             rstd, s = _row_stats(x_ptr, nw_ptr, mi, K, eps, NORM, QUANT, BK)
-            y = _gemv_rows(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, rows, mi, K, KW, N, C, G, rstd, s,
-                           XQ, NORM, QUANT, WK, BN, BKW)
-            if EPI == 0:
-                tl.store(out_ptr + mi * N + rows, y, mask=rows < N)
-            elif EPI == 1:
-                r = tl.load(out_ptr + mi * N + rows, mask=rows < N, other=0.0)
-                tl.store(out_ptr + mi * N + rows, r + y, mask=rows < N)
-            else:
-                y2 = _gemv_rows(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, rows + PAIR, mi, K, KW, N, C, G, rstd,
-                                s, XQ, NORM, QUANT, WK, BN, BKW)
-                if EPI == 2:
-                    if ACT == 0:
-                        g = tl.maximum(y, 0.0)
-                        a = g * g
-                    else:
-                        a = y / (1.0 + tl.exp(-y))
-                    tl.store(out_ptr + mi * PAIR + rows, a * y2, mask=rows < PAIR)
-                else:
-                    d = rows % (2 * HALF_D)  # 0 .. HALF_D-1 (first half of the head)
-                    _rope_store_head(y, y2, d, head, mi, tl.load(pos_ptr + mi), q_out_ptr, cos_ptr, sin_ptr, base_ptr,
-                                     maxlen_ptr, layer, HQ, HKV, HALF_D, KVF32)
+            y = _gemv_rows(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, rows, mi, K, N, rstd, s, XQ, NORM, QUANT, BN, BKW)
+            if RESIDUAL:
+                y += tl.load(out_ptr + mi * N + rows, mask=rows < N, other=0.0)
+            tl.store(out_ptr + mi * N + rows, y, mask=rows < N)
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, sx_ptr, w_ptr, sc_ptr, out_ptr, M, K, KW, N, C, G,
-                 XQ: tl.constexpr, WK: tl.constexpr, RESIDUAL: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr):
-    """Tensor-core tiles for many tokens: int8 x int8 -> int32 (XQ) or float32 IEEE (x float32). Ternary
-    tiles are unpacked one bit-strip at a time: strip i of words [BN, BKW] meets inputs i * KW + j."""
+def _tgemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, scq_ptr, scf_ptr, ss_ptr, M, N, NP, P, NSEG, eps,
+                  # EPI_QKV: q out, RoPE tables, positions, cache tables
+                  q_out_ptr, cos_ptr, sin_ptr, pos_ptr, base_ptr, maxlen_ptr, layer, HQ, HKV,
+                  KIN: tl.constexpr, KWT: tl.constexpr, GW: tl.constexpr, GS: tl.constexpr, GLIM: tl.constexpr,
+                  C: tl.constexpr, MASKK: tl.constexpr, XQ: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr,
+                  EPI: tl.constexpr, ACT: tl.constexpr, HALF_D: tl.constexpr, KVF32: tl.constexpr,
+                  BP: tl.constexpr, BKW: tl.constexpr, BK: tl.constexpr, ONE: tl.constexpr, GSP: tl.constexpr):
+    """Ternary GEMV for M <= GEMV_MAX_TOKENS tokens; program = one tile of BP row pairs (see ``TernaryLayout``).
+
+    Prologue (x float, NORM and/or QUANT): every program normalizes and quantizes the M rows once, in a 1-D
+    layout, into a scratch buffer its threads then read (identical bytes from every program). The dot loop
+    multiplies a word's two rows at once: ``(w >> 2s) & 0x00030003`` holds row A's code in the low 16 bits and
+    row B's in the high 16, so one integer multiply-add by x accumulates both; 16 chunks (<= 128 products of
+    |code x| <= 256) fit a signed 16-bit lane, then the lanes are split into int32 accumulators. Codes are
+    t + 1, so sum(t x) = sum(code x) - sum(x) (integer-exact). Column groups (C > 1) are scaled per segment.
+
+    EPI_STORE: out[m, row] = y. EPI_RESIDUAL: out[m, row] += y. EPI_GLU (pairs are (gate n, up n)):
+    out[m, n] = act(gate) * up. EPI_QKV (pairs are rows d and d + HALF_D of one head): q heads are rotated
+    (RoPE at pos[m]) into q_out, k heads rotated and v heads copied into each sequence's cache."""
+    INT: tl.constexpr = XQ or QUANT
+    PREP: tl.constexpr = (not XQ) and (NORM or QUANT)
+    NCG: tl.constexpr = GW // BKW
+    pid = tl.program_id(0)
+    pl = tl.arange(0, BP)
+    p = pid * BP + pl
+    jb = tl.arange(0, BKW)
+    wbase = w_ptr + pid * (KWT * BP)  # int32 offsets: data holds < 2**31 words
+    if PREP:
+        for mi in range(M):
+            s_m = _prep_row(x_ptr, nw_ptr, scq_ptr, scf_ptr, mi, KIN, eps, NORM, QUANT, BK, ONE)
+            if QUANT:
+                tl.store(ss_ptr + mi, s_m)
+        tl.debug_barrier()  # the scratch rows written above are read below by other threads of this program
+    if XQ:
+        xsrc = x_ptr
+    elif QUANT:
+        xsrc = scq_ptr
+    elif NORM:
+        xsrc = scf_ptr
+    else:
+        xsrc = x_ptr
+    pmask = p < NP
+    ra = (p // P) * (2 * P) + p % P
+    rb = ra + P
+    ma = pmask & (ra < N)
+    mb = pmask & (rb < N)
+    sca = tl.load(sc_ptr + ra, mask=ma, other=0.0)
+    scb = tl.load(sc_ptr + rb, mask=mb, other=0.0)
+    for mi in range(M):
+        s = 1.0
+        if XQ:
+            s = tl.load(sx_ptr + mi)
+        elif QUANT:
+            s = tl.load(ss_ptr + mi)
+        xrow = xsrc + mi * KIN
+        ia = tl.zeros([BKW, BP], dtype=tl.int32)
+        ib = tl.zeros([BKW, BP], dtype=tl.int32)
+        fa = tl.zeros([BKW, BP], dtype=tl.float32)
+        fb = tl.zeros([BKW, BP], dtype=tl.float32)
+        ca = tl.zeros([BP], dtype=tl.float32)
+        cb = tl.zeros([BP], dtype=tl.float32)
+        xs = 0
+        for g in range(NSEG):
+            t = tl.zeros([BKW, BP], dtype=tl.int32)
+            ga = tl.zeros([BKW, BP], dtype=tl.int32)
+            gb = tl.zeros([BKW, BP], dtype=tl.int32)
+            ta = tl.zeros([BKW, BP], dtype=tl.float32)
+            tb = tl.zeros([BKW, BP], dtype=tl.float32)
+            for cc in tl.static_range(NCG):
+                jj = cc * BKW + jb
+                # rows of BP words, 16-byte aligned (said, as the offsets' arithmetic hides it: 4-byte loads else)
+                w = tl.load(tl.max_contiguous(tl.multiple_of(wbase + (g * GW + jj)[:, None] * BP + pl[None, :],
+                                                             [16, 16]), [1, BP]))
+                for si in tl.static_range(8):
+                    kk = si * GW + jj
+                    if MASKK:
+                        x = tl.load(xrow + g * GS + kk, mask=(kk < GLIM) & (g * GS + kk < KIN), other=0)
+                    else:
+                        x = tl.load(xrow + g * GS + kk)
+                    if INT:
+                        t += ((w >> (2 * si)) & 0x00030003) * x.to(tl.int32)[:, None]
+                    else:
+                        ta += ((w >> (2 * si)) & 3).to(tl.float32) * x[:, None]
+                        tb += ((w >> (16 + 2 * si)) & 3).to(tl.float32) * x[:, None]
+                if INT:
+                    if (cc % 16 == 15) or (cc == NCG - 1):
+                        lo = (t << 16) >> 16  # the low lane, sign-extended; the high lane is what remains
+                        ga += lo
+                        gb += (t - lo) >> 16
+                        t = tl.zeros([BKW, BP], dtype=tl.int32)
+            # sum(x) of the segment, in a 1-D layout (inside the loop above it would be loaded a second time)
+            kx = tl.arange(0, GSP)
+            xv = tl.load(xrow + g * GS + kx, mask=(kx < GLIM) & (g * GS + kx < KIN), other=0)
+            if INT:
+                xsum = tl.sum(xv.to(tl.int32), 0)
+            else:
+                xsum = tl.sum(xv, 0)
+            if INT and C == 1:
+                ia += ga
+                ib += gb
+                xs += xsum
+            else:
+                if C == 1:
+                    sa = sca
+                    sb = scb
+                else:
+                    sa = tl.load(sc_ptr + g * N + ra, mask=ma, other=0.0)
+                    sb = tl.load(sc_ptr + g * N + rb, mask=mb, other=0.0)
+                if INT:
+                    fa += ga.to(tl.float32) * sa[None, :]
+                    fb += gb.to(tl.float32) * sb[None, :]
+                    ca += xsum.to(tl.float32) * sa
+                    cb += xsum.to(tl.float32) * sb
+                else:
+                    fa += ta * sa[None, :]
+                    fb += tb * sb[None, :]
+                    ca += xsum * sa
+                    cb += xsum * sb
+        if INT and C == 1:
+            ya = _mul_rn((tl.sum(ia, 0) - xs).to(tl.float32) / s, sca)
+            yb = _mul_rn((tl.sum(ib, 0) - xs).to(tl.float32) / s, scb)
+        else:
+            ya = (tl.sum(fa, 0) - ca) / s
+            yb = (tl.sum(fb, 0) - cb) / s
+        if EPI == 0:
+            tl.store(out_ptr + mi * N + ra, ya, mask=ma)
+            tl.store(out_ptr + mi * N + rb, yb, mask=mb)
+        elif EPI == 1:
+            tl.store(out_ptr + mi * N + ra, tl.load(out_ptr + mi * N + ra, mask=ma, other=0.0) + ya, mask=ma)
+            tl.store(out_ptr + mi * N + rb, tl.load(out_ptr + mi * N + rb, mask=mb, other=0.0) + yb, mask=mb)
+        elif EPI == 2:
+            if ACT == 0:
+                gg = tl.maximum(ya, 0.0)
+                a = gg * gg
+            else:
+                a = ya / (1.0 + tl.exp(-ya))
+            tl.store(out_ptr + mi * P + p, a * yb, mask=pmask)
+        else:
+            _rope_store_head(ya, yb, p % HALF_D, (pid * BP) // HALF_D, mi, tl.load(pos_ptr + mi), q_out_ptr, cos_ptr,
+                             sin_ptr, base_ptr, maxlen_ptr, layer, HQ, HKV, HALF_D, KVF32)
+
+
+@triton.jit
+def _tgemm_kernel(x_ptr, sx_ptr, w_ptr, sc_ptr, out_ptr, M, N, NP, P, NSEG,
+                  KIN: tl.constexpr, KWT: tl.constexpr, GW: tl.constexpr, GS: tl.constexpr, GLIM: tl.constexpr,
+                  C: tl.constexpr, PB: tl.constexpr, XQ: tl.constexpr, RESIDUAL: tl.constexpr,
+                  BM: tl.constexpr, BPG: tl.constexpr, BKW: tl.constexpr):
+    """Ternary tiles for many tokens on the tensor cores: int8 x int8 -> int32 (XQ) or float32 IEEE. A tile of
+    BPG row pairs; each slot s of a word block [BKW, BPG] is unpacked into row A's and row B's codes."""
+    pm, pn = tl.program_id(0), tl.program_id(1)
+    rm = pm * BM + tl.arange(0, BM)
+    mmask = rm < M
+    p = pn * BPG + tl.arange(0, BPG)
+    pmask = p < NP
+    ra = (p // P) * (2 * P) + p % P
+    rb = ra + P
+    ma = pmask & (ra < N)
+    mb = pmask & (rb < N)
+    wrow = (p // PB).to(tl.int64) * (KWT * PB) + p % PB
+    jb = tl.arange(0, BKW)
+    sx = 1.0
+    if XQ:
+        sx = tl.load(sx_ptr + rm, mask=mmask, other=1.0)
+    sca = tl.load(sc_ptr + ra, mask=ma, other=0.0)
+    scb = tl.load(sc_ptr + rb, mask=mb, other=0.0)
+    oa = tl.zeros([BM, BPG], dtype=tl.float32)
+    ob = tl.zeros([BM, BPG], dtype=tl.float32)
+    ia = tl.zeros([BM, BPG], dtype=tl.int32)
+    ib = tl.zeros([BM, BPG], dtype=tl.int32)
+    for g in range(NSEG):
+        if XQ:
+            aa = tl.zeros([BM, BPG], dtype=tl.int32)
+            ab = tl.zeros([BM, BPG], dtype=tl.int32)
+        else:
+            aa = tl.zeros([BM, BPG], dtype=tl.float32)
+            ab = tl.zeros([BM, BPG], dtype=tl.float32)
+        for c0 in range(0, GW, BKW):
+            jj = c0 + jb
+            w = tl.load(w_ptr + wrow[None, :] + (g * GW + jj)[:, None] * PB, mask=pmask[None, :], other=0x55555555)
+            for si in tl.static_range(8):
+                kk = si * GW + jj
+                k = g * GS + kk
+                xm = mmask[:, None] & ((kk < GLIM) & (k < KIN))[None, :]
+                ta = ((w >> (2 * si)) & 3) - 1
+                tb = ((w >> (16 + 2 * si)) & 3) - 1
+                if XQ:
+                    x = tl.load(x_ptr + rm[:, None] * KIN + k[None, :], mask=xm, other=0)
+                    aa += tl.dot(x, ta.to(tl.int8))
+                    ab += tl.dot(x, tb.to(tl.int8))
+                else:
+                    x = tl.load(x_ptr + rm[:, None] * KIN + k[None, :], mask=xm, other=0.0)
+                    aa += tl.dot(x, ta.to(tl.float32), input_precision="ieee")
+                    ab += tl.dot(x, tb.to(tl.float32), input_precision="ieee")
+        if XQ and C == 1:
+            ia += aa
+            ib += ab
+        else:
+            if C == 1:
+                sa = sca
+                sb = scb
+            else:
+                sa = tl.load(sc_ptr + g * N + ra, mask=ma, other=0.0)
+                sb = tl.load(sc_ptr + g * N + rb, mask=mb, other=0.0)
+            if XQ:
+                oa += (aa.to(tl.float32) / sx[:, None]) * sa[None, :]
+                ob += (ab.to(tl.float32) / sx[:, None]) * sb[None, :]
+            else:
+                oa += aa * sa[None, :]
+                ob += ab * sb[None, :]
+    if XQ and C == 1:
+        oa = _mul_rn(ia.to(tl.float32) / sx[:, None], sca[None, :])
+        ob = _mul_rn(ib.to(tl.float32) / sx[:, None], scb[None, :])
+    pa = out_ptr + rm[:, None] * N + ra[None, :]
+    pb = out_ptr + rm[:, None] * N + rb[None, :]
+    oma = mmask[:, None] & ma[None, :]
+    omb = mmask[:, None] & mb[None, :]
+    if RESIDUAL:
+        oa += tl.load(pa, mask=oma, other=0.0)
+        ob += tl.load(pb, mask=omb, other=0.0)
+    tl.store(pa, oa, mask=oma)
+    tl.store(pb, ob, mask=omb)
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, sx_ptr, w_ptr, sc_ptr, out_ptr, M, K, N,
+                 XQ: tl.constexpr, RESIDUAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr):
+    """Dense rows (int8 or 16-bit) for many tokens, and the int8 lm_head at any token count, on the tensor
+    cores: int8 x int8 -> int32 (XQ) or float32 IEEE."""
     pm, pn = tl.program_id(0), tl.program_id(1)
     rm = pm * BM + tl.arange(0, BM)
     rn = pn * BN + tl.arange(0, BN)
     jb = tl.arange(0, BKW)
     mmask = rm < M
     nmask = rn < N
-    out = tl.zeros([BM, BN], dtype=tl.float32)
+    if XQ:
+        acc = tl.zeros([BM, BN], dtype=tl.int32)
+    else:
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, K, BKW):
+        kk = k0 + jb
+        xm = mmask[:, None] & (kk[None, :] < K)
+        w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=nmask[:, None] & (kk[None, :] < K), other=0)
+        if XQ:
+            x = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=xm, other=0)
+            acc += tl.dot(x, tl.trans(w.to(tl.int8)))
+        else:
+            x = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=xm, other=0.0)
+            acc += tl.dot(x, tl.trans(w.to(tl.float32)), input_precision="ieee")
+    scale = tl.load(sc_ptr + rn, mask=nmask, other=0.0)
     if XQ:
         sx = tl.load(sx_ptr + rm, mask=mmask, other=1.0)
-    for g in range(0, C):
-        lo = g * G
-        if XQ:
-            acc = tl.zeros([BM, BN], dtype=tl.int32)
-        else:
-            acc = tl.zeros([BM, BN], dtype=tl.float32)
-        if WK == 0:
-            for j0 in range(0, KW, BKW):
-                j = j0 + jb
-                words = tl.load(w_ptr + rn[:, None] * KW + j[None, :], mask=nmask[:, None] & (j[None, :] < KW),
-                                other=0x55555555)
-                for i in tl.static_range(16):
-                    kk = i * KW + j
-                    xm = mmask[:, None] & ((j < KW) & (kk < K) & (kk >= lo) & (kk < lo + G))[None, :]
-                    t = ((words >> (2 * i)) & 3) - 1
-                    if XQ:
-                        x = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=xm, other=0)
-                        acc += tl.dot(x, tl.trans(t.to(tl.int8)))
-                    else:
-                        x = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=xm, other=0.0)
-                        acc += tl.dot(x, tl.trans(t.to(tl.float32)), input_precision="ieee")
-        else:
-            for k0 in range(0, K, BKW):
-                kk = k0 + jb
-                xm = mmask[:, None] & (kk[None, :] < K)
-                w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=nmask[:, None] & (kk[None, :] < K), other=0)
-                if XQ:
-                    x = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=xm, other=0)
-                    acc += tl.dot(x, tl.trans(w.to(tl.int8)))
-                else:
-                    x = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=xm, other=0.0)
-                    acc += tl.dot(x, tl.trans(w.to(tl.float32)), input_precision="ieee")
-        scale = tl.load(sc_ptr + g * N + rn, mask=nmask, other=0.0)
-        if XQ:
-            out += (acc.to(tl.float32) / sx[:, None]) * scale[None, :]
-        else:
-            out += acc * scale[None, :]
+        out = (acc.to(tl.float32) / sx[:, None]) * scale[None, :]
+    else:
+        out = acc * scale[None, :]
     omask = mmask[:, None] & nmask[None, :]
     optr = out_ptr + rm[:, None] * N + rn[None, :]
     if RESIDUAL:
@@ -453,9 +628,12 @@ def _rope_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, H, HALF: tl.constexp
 # launchers
 
 GEMV_MAX_TOKENS = 4
-FUSE_PROLOGUE_MAX_WORDS = 256  # fuse RMSNorm + quantization into ternary gemvs with K <= 4096
+SCRATCH_K = 65536  # the fused prologue's scratch holds GEMV_MAX_TOKENS rows of up to this many inputs
 ATTN_BLOCK = 16  # positions per decode-attention step (16 and 32 measured alike on an H200; 64 slower)
+PAIR_TILE = 16  # row pairs per ternary tile and gemv program (64 contiguous bytes per word row)
+GEMV_WARPS = 8  # tiles of 8 / 16 pairs with 2 / 4 / 8 warps measured on an H200: 16 pairs, 8 warps fastest
 _DUMMY: dict = {}
+_SCRATCH: dict = {}
 
 
 def _dummy(device) -> torch.Tensor:
@@ -465,19 +643,133 @@ def _dummy(device) -> torch.Tensor:
     return _DUMMY[key]
 
 
+def _scratch(device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused prologue's buffers (int8 and float32 views of one allocation, and the token scales): fixed for
+    the process, so CUDA graphs that captured their addresses stay valid."""
+    key = str(device)
+    if key not in _SCRATCH:
+        f = torch.zeros(GEMV_MAX_TOKENS * SCRATCH_K, dtype=torch.float32, device=device)
+        _SCRATCH[key] = (f.view(torch.int8), f, torch.zeros(16, dtype=torch.float32, device=device))
+    return _SCRATCH[key]
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _prep_block(k: int) -> tuple[int, bool]:
+    """Block size of the RMSNorm + quantization of a k-wide row, and whether the row is one block."""
+    bk = _pow2(k) if k <= 8192 else 1024
+    return bk, bk >= k
+
+
+class TernaryLayout:
+    """How a ternary [n, k] matrix sits in int32 words for the kernels.
+
+    Rows are paired: pair p holds rows A(p) = (p // P) * 2P + p % P and B(p) = A(p) + P (P = ``pair``: n / 2 by
+    default, so (gate n, up n) of a fused gate/up matrix share a pair; half a head for q/k/v, so a head's RoPE
+    halves do). Inputs are cut into segments (the column groups of the scale grid, or, with one group, up to
+    4096 inputs) of ``gw`` words; word j of a segment holds, for slot s = 0..7, input ``s * gw + j`` of the
+    segment: row A's code (t + 1) in bits 2s, row B's in bits 16 + 2s. Pairs come in tiles of PAIR_TILE whose
+    words are contiguous: data int32 [tiles, kwt, PAIR_TILE] (kwt = segments * gw words per pair). Padding
+    (inputs past k, rows past n) holds code 1 = 0."""
+
+    def __init__(self, n: int, k: int, groups: int = 1, pair: int | None = None):
+        self.n, self.k, self.c = n, k, groups
+        g = k // groups
+        if groups == 1:
+            self.bkw = 64
+            kw8 = -(-k // 8)
+            self.nseg = -(-kw8 // 512)
+            self.gw = _round_up(-(-kw8 // self.nseg), self.bkw)
+            self.gs = self.glim = 8 * self.gw
+            self.maskk = self.nseg * self.gs != k
+        else:
+            self.bkw = max(32, min(64, _pow2(-(-g // 8))))
+            self.gw = _round_up(-(-g // 8), self.bkw)
+            self.nseg, self.gs, self.glim = groups, g, g
+            self.maskk = 8 * self.gw != g
+        self.kwt = self.nseg * self.gw
+        self.pair = pair or max(1, -(-n // 2))
+        self.np = _round_up(n, 2 * self.pair) // 2
+        self.tiles = -(-self.np // PAIR_TILE)
+
+    def _segments(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [r, k] -> [r, kwt, 8] (word, slot), padded with code 1."""
+        r = codes.shape[0]
+        if self.c == 1:
+            full = torch.ones((r, self.nseg * self.gs), dtype=torch.int64, device=codes.device)
+            full[:, :self.k] = codes
+        else:
+            full = torch.ones((r, self.c, 8 * self.gw), dtype=torch.int64, device=codes.device)
+            full[:, :, :self.gs] = codes.view(r, self.c, self.gs)
+        return full.view(r, self.nseg, 8, self.gw).transpose(2, 3).reshape(r, self.kwt, 8)
+
+    def _rows(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ra = (p // self.pair) * (2 * self.pair) + p % self.pair
+        return ra, ra + self.pair
+
+    def pack(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (t + 1) [n, k] (any integer dtype, on any device) -> data int32 [tiles, kwt, PAIR_TILE]."""
+        dev = codes.device
+        words = torch.full((self.tiles * PAIR_TILE, self.kwt), 0x55555555, dtype=torch.int32, device=dev)
+        shifts = 2 * torch.arange(8, dtype=torch.int64, device=dev)
+        step = max(1, (1 << 22) // max(1, self.kwt))
+        for p0 in range(0, self.np, step):
+            p = torch.arange(p0, min(self.np, p0 + step), device=dev)
+            halves = []
+            for rows in self._rows(p):
+                r = torch.ones((len(p), self.k), dtype=torch.int64, device=dev)
+                ok = rows < self.n
+                r[ok] = codes[rows[ok]].to(torch.int64)
+                halves.append(self._segments(r))
+            w = (halves[0] << shifts).sum(-1) | (halves[1] << (shifts + 16)).sum(-1)
+            words[p0:p0 + len(p)] = torch.where(w >= 1 << 31, w - (1 << 32), w).to(torch.int32)
+        return words.view(self.tiles, PAIR_TILE, self.kwt).transpose(1, 2).contiguous()
+
+    def unpack(self, data: torch.Tensor) -> torch.Tensor:
+        """data [tiles, kwt, PAIR_TILE] -> codes int8 [n, k] (the inverse of ``pack``)."""
+        dev = data.device
+        w = data.transpose(1, 2).reshape(-1, self.kwt)[:self.np].to(torch.int64) & 0xFFFFFFFF
+        shifts = 2 * torch.arange(8, dtype=torch.int64, device=dev)
+        rows = torch.ones((2 * self.np, self.kwt, 8), dtype=torch.int8, device=dev)
+        ra, rb = self._rows(torch.arange(self.np, device=dev))
+        rows[ra] = ((w[..., None] >> shifts) & 3).to(torch.int8)
+        rows[rb] = ((w[..., None] >> (shifts + 16)) & 3).to(torch.int8)
+        rows = rows.view(-1, self.nseg, self.gw, 8).transpose(2, 3).reshape(-1, self.nseg, 8 * self.gw)
+        if self.c == 1:
+            return rows.reshape(rows.shape[0], -1)[:self.n, :self.k].contiguous()
+        return rows[:, :, :self.gs].reshape(rows.shape[0], -1)[:self.n].contiguous()
+
+
 class Matrix:
-    """A weight as the kernels read it: ``data`` (int32 words [N, KW] for ternary, int8 or float16/bfloat16
+    """A weight as the kernels read it: ``data`` (ternary: int32 words in ``layout``; int8 or float16/bfloat16
     [N, K]), ``scales`` float32 [C, N] (C column groups of G inputs each)."""
 
-    def __init__(self, kind: int, data: torch.Tensor, scales: torch.Tensor, n: int, k: int, groups: int = 1):
+    def __init__(self, kind: int, data: torch.Tensor, scales: torch.Tensor, n: int, k: int, groups: int = 1,
+                 layout: TernaryLayout | None = None):
         self.kind, self.data, self.scales, self.n, self.k = kind, data, scales, n, k
         self.c = groups
         self.g = k // groups
-        self.kw = data.shape[1] if kind == W_TERNARY else k
+        self.layout = layout
+
+    @classmethod
+    def ternary(cls, codes: torch.Tensor, scales: torch.Tensor, groups: int = 1, pair: int | None = None):
+        """From codes (t + 1) [n, k] on the device and scales float32 [C, n]."""
+        n, k = codes.shape
+        lay = TernaryLayout(n, k, groups, pair)
+        return cls(W_TERNARY, lay.pack(codes), scales, n, k, groups, lay)
+
+    def repair(self, pair: int) -> None:
+        """Re-pack a ternary matrix with rows ``pair`` apart in each pair (in place)."""
+        if self.layout.pair != pair:
+            codes = self.layout.unpack(self.data)
+            self.layout = TernaryLayout(self.n, self.k, self.c, pair)
+            self.data = self.layout.pack(codes)
 
     @property
     def nbytes(self) -> int:
@@ -489,16 +781,23 @@ def norm_quant(x: torch.Tensor, weight: torch.Tensor | None, eps: float, quant: 
     m, k = x.shape
     dev = x.device
     d = _dummy(dev)
-    bk = min(1024, _pow2(k))
+    bk, one = _prep_block(k)
     if quant:
         q = torch.empty((m, k), dtype=torch.int8, device=dev)
         s = torch.empty((m,), dtype=torch.float32, device=dev)
         _norm_quant_kernel[(m,)](x, weight if weight is not None else d, q, s, d, k, eps,
-                                 NORM=weight is not None, QUANT=True, BK=bk)
+                                 NORM=weight is not None, QUANT=True, BK=bk, ONE=one)
         return q, s
     y = torch.empty_like(x)
-    _norm_quant_kernel[(m,)](x, weight, d, d, y, k, eps, NORM=True, QUANT=False, BK=bk)
+    _norm_quant_kernel[(m,)](x, weight, d, d, y, k, eps, NORM=True, QUANT=False, BK=bk, ONE=one)
     return y
+
+
+def _glu_torch(y: torch.Tensor, act: int, out: torch.Tensor | None) -> torch.Tensor:
+    half = y.shape[1] // 2
+    g, u = y[:, :half], y[:, half:]
+    a = torch.square(torch.clamp_min(g, 0)) if act == ACT_RELU2 else g / (1.0 + torch.exp(-g))
+    return a * u if out is None else out.copy_(a * u)
 
 
 def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor | None = None, eps: float = 0.0,
@@ -506,65 +805,79 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
            glu: int | None = None, qkv: dict | None = None) -> torch.Tensor:
     """y = x @ W.T (scaled), x float32 [M, K] (or int8 with its scales ``sx``).
 
-    ``norm``: RMSNorm x first (its weight); ``quant``: then quantize per token to int8 (fused into the matmul
-    for up to GEMV_MAX_TOKENS tokens, its own kernel for more). ``residual``: add into ``out`` in place.
-    ``glu``: ACT_RELU2 / ACT_SILU of W's two row halves (gate, up) -> [M, N/2]. ``qkv``: RoPE + KV append
-    epilogue (decode only; see ``_gemv_kernel``)."""
+    ``norm``: RMSNorm x first (its weight); ``quant``: then quantize per token to int8 (fused into the ternary
+    gemv's prologue for up to GEMV_MAX_TOKENS tokens, its own kernel otherwise). ``residual``: add into ``out``
+    in place. ``glu``: ACT_RELU2 / ACT_SILU of W's two row halves (gate, up) -> [M, N/2]. ``qkv``: RoPE + KV
+    append epilogue (decode, ternary, pairs of half a head: ``Matrix.repair``; see ``_tgemv_kernel``)."""
     m = x.shape[0]
     dev = x.device
     d = _dummy(dev)
     xq = sx is not None
     n_out = w.n // 2 if glu is not None else w.n
-    if m > GEMV_MAX_TOKENS or (w.kind == W_INT8 and (xq or quant) and qkv is None):
+    gemv = w.kind == W_TERNARY and m <= GEMV_MAX_TOKENS and (xq or w.k <= SCRATCH_K)
+    if not gemv and qkv is not None:
+        raise ValueError("the fused RoPE + KV append epilogue is for ternary decode steps")
+    if not gemv and not xq and (norm is not None or quant):  # one norm (+ quantization) kernel first
+        xn = norm_quant(x, norm, eps, quant=quant)
+        x, sx, xq, norm = (xn[0], xn[1], True, None) if quant else (xn, None, False, None)
+    if glu is not None and residual:
+        raise ValueError("glu and residual do not combine")
+    if out is None and residual:
+        raise ValueError("residual=True adds into out: pass it")
+    if w.kind == W_TERNARY:
+        lay = w.layout
+        if gemv:
+            return _ternary_gemv(x, w, lay, m, xq, sx, norm, eps, quant, out, residual, glu, qkv, n_out)
+        y = out if (residual and glu is None) else torch.empty((m, w.n), dtype=torch.float32, device=dev)
+        bm = 64 if m > 32 else 32 if m > 16 else 16
+        grid = (triton.cdiv(m, bm), triton.cdiv(lay.np, 32))
+        _tgemm_kernel[grid](x, sx if xq else d, w.data, w.scales, y, m, w.n, lay.np, lay.pair, lay.nseg,
+                            KIN=w.k, KWT=lay.kwt, GW=lay.gw, GS=lay.gs, GLIM=lay.glim, C=w.c, PB=PAIR_TILE,
+                            XQ=xq, RESIDUAL=residual, BM=bm, BPG=32, BKW=32, num_warps=4, num_stages=2)
+        return y if glu is None else _glu_torch(y, glu, out)
+    if m > GEMV_MAX_TOKENS or (w.kind == W_INT8 and xq):
         # int8 rows (the int8 lm_head) go to the tensor cores even for one token: nothing to unpack, and the
         # int8 mma reads a 128k x 2560 head at ~94% of a plain read's pace (the gemv: ~73%)
-        if qkv is not None:
-            raise ValueError("the fused RoPE + KV append epilogue is for decode steps")
-        if not xq and (norm is not None or quant):
-            xn = norm_quant(x, norm, eps, quant=quant)
-            x, sx, xq = (xn[0], xn[1], True) if quant else (xn, None, False)
         y = out if (residual and glu is None) else torch.empty((m, w.n), dtype=torch.float32, device=dev)
         bm = 64 if m > 32 else 32 if m > 16 or w.kind != W_INT8 else 16
         grid = (triton.cdiv(m, bm), triton.cdiv(w.n, 64))
-        _gemm_kernel[grid](x, sx if xq else d, w.data, w.scales, y, m, w.k, w.kw, w.n, w.c, w.g,
-                           XQ=xq, WK=w.kind, RESIDUAL=residual and glu is None, BM=bm, BN=64,
-                           BKW=32 if w.kind == W_TERNARY else 256 if bm == 16 else 64, num_warps=4, num_stages=2)
-        if glu is None:
-            return y
-        g, u = y[:, :n_out], y[:, n_out:]
-        a = torch.square(torch.clamp_min(g, 0)) if glu == ACT_RELU2 else g / (1.0 + torch.exp(-g))
-        if out is None:
-            return a * u
-        return out.copy_(a * u)
-    if not xq and norm is not None and (w.kind != W_TERNARY or w.kw > FUSE_PROLOGUE_MAX_WORDS):
-        # every program would redo the row's normalization: for long rows (down_proj) and the lm_head's
-        # thousands of programs one norm (+ quantization) kernel first is cheaper
-        xn = norm_quant(x, norm, eps, quant=quant)
-        return matmul(xn[0], w, sx=xn[1], out=out, residual=residual, glu=glu, qkv=qkv) if quant else \
-            matmul(xn, w, out=out, residual=residual, glu=glu, qkv=qkv)
-    epi = EPI_QKV if qkv is not None else EPI_GLU if glu is not None else EPI_RESIDUAL if residual else EPI_STORE
+        _gemm_kernel[grid](x, sx if xq else d, w.data, w.scales, y, m, w.k, w.n, XQ=xq,
+                           RESIDUAL=residual and glu is None, BM=bm, BN=64, BKW=256 if bm == 16 else 64,
+                           num_warps=4, num_stages=2)
+        return y if glu is None else _glu_torch(y, glu, out)
     if out is None:
-        if residual:
-            raise ValueError("residual=True adds into out: pass it")
+        out = torch.empty((m, w.n), dtype=torch.float32, device=dev)
+    y = out if glu is None else torch.empty((m, w.n), dtype=torch.float32, device=dev)
+    _gemv_kernel[(triton.cdiv(w.n, 8),)](
+        x, sx if xq else d, norm if norm is not None else d, w.data, w.scales, y, m, w.k, w.n, eps,
+        XQ=xq, NORM=norm is not None, QUANT=quant and not xq, RESIDUAL=residual and glu is None, BM=_pow2(m),
+        BN=8, BKW=256, BK=min(1024, _pow2(w.k)), num_warps=4)
+    return y if glu is None else _glu_torch(y, glu, out)
+
+
+def _ternary_gemv(x, w: Matrix, lay: TernaryLayout, m: int, xq: bool, sx, norm, eps: float, quant: bool, out,
+                  residual: bool, glu, qkv, n_out: int) -> torch.Tensor:
+    dev = x.device
+    d = _dummy(dev)
+    epi = EPI_QKV if qkv is not None else EPI_GLU if glu is not None else EPI_RESIDUAL if residual else EPI_STORE
+    if epi == EPI_QKV and lay.pair != qkv["head_dim"] // 2:
+        raise ValueError(f"the q/k/v epilogue needs rows paired half a head apart (pair {qkv['head_dim'] // 2}, "
+                         f"this matrix has {lay.pair}): Matrix.repair")
+    if epi == EPI_GLU and 2 * lay.pair != w.n:
+        raise ValueError("the gated-activation epilogue needs (gate n, up n) row pairs")
+    if out is None:
         out = torch.empty((m, n_out), dtype=torch.float32, device=dev) if epi != EPI_QKV else d
-    if w.kind == W_TERNARY:  # a whole row block per program: all its loads in flight at once
-        bkw = min(512, _pow2(w.kw))
-        bn = max(2, 2048 // bkw)
-    else:
-        bkw, bn = 256, 8
-    if epi == EPI_QKV:
-        bn = min(bn, qkv["head_dim"] // 2)
-        grid = (w.n // 2 // bn,)
-    else:
-        grid = (triton.cdiv(n_out, bn),)
+    scq, scf, ss = _scratch(dev)
+    bk, one = _prep_block(w.k)
     q = qkv or {}
-    _gemv_kernel[grid](
-        x, sx if xq else d, norm if norm is not None else d, w.data, w.scales, out, m, w.k, w.kw, w.n, w.c, w.g,
-        eps, q.get("q_out", d), q.get("cos", d), q.get("sin", d), q.get("pos", d), q.get("base", d),
-        q.get("maxlen", d), q.get("layer", 0), q.get("hq", 1), q.get("hkv", 1),
-        XQ=xq, NORM=norm is not None, QUANT=quant and not xq, WK=w.kind, EPI=epi, ACT=glu or 0,
-        PAIR=n_out if epi == EPI_GLU else q.get("head_dim", 2) // 2, HALF_D=q.get("head_dim", 2) // 2, KVF32=q.get("kv_f32", False),
-        BM=_pow2(m), BN=bn, BKW=bkw, BK=min(1024, _pow2(w.k)), num_warps=4)
+    _tgemv_kernel[(lay.tiles,)](
+        x, sx if xq else d, norm if norm is not None else d, w.data, w.scales, out, scq, scf, ss, m, w.n, lay.np,
+        lay.pair, lay.nseg, eps, q.get("q_out", d), q.get("cos", d), q.get("sin", d), q.get("pos", d),
+        q.get("base", d), q.get("maxlen", d), q.get("layer", 0), q.get("hq", 1), q.get("hkv", 1),
+        KIN=w.k, KWT=lay.kwt, GW=lay.gw, GS=lay.gs, GLIM=lay.glim, C=w.c, MASKK=lay.maskk, XQ=xq,
+        NORM=norm is not None, QUANT=quant and not xq, EPI=epi, ACT=glu or 0, HALF_D=max(1, q.get("head_dim", 2) // 2),
+        KVF32=q.get("kv_f32", False), BP=PAIR_TILE, BKW=lay.bkw, BK=bk, ONE=one, GSP=_pow2(lay.gs),
+        num_warps=GEMV_WARPS)
     return out
 
 
