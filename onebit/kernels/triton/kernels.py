@@ -227,7 +227,8 @@ def _tgemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, scq_ptr, scf_pt
     multiplies a word's two rows at once: ``(w >> 2s) & 0x00030003`` holds row A's code in the low 16 bits and
     row B's in the high 16, so one integer multiply-add by x accumulates both; 16 chunks (<= 128 products of
     |code x| <= 256) fit a signed 16-bit lane, then the lanes are split into int32 accumulators. Codes are
-    t + 1, so sum(t x) = sum(code x) - sum(x) (integer-exact). Column groups (C > 1) are scaled per segment.
+    t + 1, so sum(t x) = sum(code x) - sum(x) (integer-exact; sum(x) per segment from a 1-D load). Column
+    groups (C > 1) are scaled per segment. Float activations (no quantization) take t x in float32.
 
     EPI_STORE: out[m, row] = y. EPI_RESIDUAL: out[m, row] += y. EPI_GLU (pairs are (gate n, up n)):
     out[m, n] = act(gate) * up. EPI_QKV (pairs are rows d and d + HALF_D of one head): q heads are rotated
@@ -294,22 +295,19 @@ def _tgemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, scq_ptr, scf_pt
                         x = tl.load(xrow + g * GS + kk)
                     if INT:
                         t += ((w >> (2 * si)) & 0x00030003) * x.to(tl.int32)[:, None]
-                    else:
-                        ta += ((w >> (2 * si)) & 3).to(tl.float32) * x[:, None]
-                        tb += ((w >> (16 + 2 * si)) & 3).to(tl.float32) * x[:, None]
+                    else:  # float activations: t x directly (sum(code x) - sum(x) would cancel in float32)
+                        ta += (((w >> (2 * si)) & 3) - 1).to(tl.float32) * x[:, None]
+                        tb += (((w >> (16 + 2 * si)) & 3) - 1).to(tl.float32) * x[:, None]
                 if INT:
                     if (cc % 16 == 15) or (cc == NCG - 1):
                         lo = (t << 16) >> 16  # the low lane, sign-extended; the high lane is what remains
                         ga += lo
                         gb += (t - lo) >> 16
                         t = tl.zeros([BKW, BP], dtype=tl.int32)
-            # sum(x) of the segment, in a 1-D layout (inside the loop above it would be loaded a second time)
-            kx = tl.arange(0, GSP)
-            xv = tl.load(xrow + g * GS + kx, mask=(kx < GLIM) & (g * GS + kx < KIN), other=0)
-            if INT:
+            if INT:  # sum(x) of the segment, in a 1-D layout (inside the loop above x would be loaded twice)
+                kx = tl.arange(0, GSP)
+                xv = tl.load(xrow + g * GS + kx, mask=(kx < GLIM) & (g * GS + kx < KIN), other=0)
                 xsum = tl.sum(xv.to(tl.int32), 0)
-            else:
-                xsum = tl.sum(xv, 0)
             if INT and C == 1:
                 ia += ga
                 ib += gb
@@ -329,8 +327,6 @@ def _tgemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, scq_ptr, scf_pt
                 else:
                     fa += ta * sa[None, :]
                     fb += tb * sb[None, :]
-                    ca += xsum * sa
-                    cb += xsum * sb
         if INT and C == 1:
             ya = _mul_rn((tl.sum(ia, 0) - xs).to(tl.float32) / s, sca)
             yb = _mul_rn((tl.sum(ib, 0) - xs).to(tl.float32) / s, scb)
@@ -631,6 +627,7 @@ GEMV_MAX_TOKENS = 4
 SCRATCH_K = 65536  # the fused prologue's scratch holds GEMV_MAX_TOKENS rows of up to this many inputs
 ATTN_BLOCK = 16  # positions per decode-attention step (16 and 32 measured alike on an H200; 64 slower)
 PAIR_TILE = 16  # row pairs per ternary tile and gemv program (64 contiguous bytes per word row)
+GEMM_PAIRS, GEMM_WARPS = 32, 4  # row pairs and warps per ternary GEMM program
 GEMV_WARPS = 8  # tiles of 8 / 16 pairs with 2 / 4 / 8 warps measured on an H200: 16 pairs, 8 warps fastest
 _DUMMY: dict = {}
 _SCRATCH: dict = {}
@@ -830,10 +827,11 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
             return _ternary_gemv(x, w, lay, m, xq, sx, norm, eps, quant, out, residual, glu, qkv, n_out)
         y = out if (residual and glu is None) else torch.empty((m, w.n), dtype=torch.float32, device=dev)
         bm = 64 if m > 32 else 32 if m > 16 else 16
-        grid = (triton.cdiv(m, bm), triton.cdiv(lay.np, 32))
+        grid = (triton.cdiv(m, bm), triton.cdiv(lay.np, GEMM_PAIRS))
         _tgemm_kernel[grid](x, sx if xq else d, w.data, w.scales, y, m, w.n, lay.np, lay.pair, lay.nseg,
                             KIN=w.k, KWT=lay.kwt, GW=lay.gw, GS=lay.gs, GLIM=lay.glim, C=w.c, PB=PAIR_TILE,
-                            XQ=xq, RESIDUAL=residual, BM=bm, BPG=32, BKW=32, num_warps=4, num_stages=2)
+                            XQ=xq, RESIDUAL=residual, BM=bm, BPG=GEMM_PAIRS, BKW=32, num_warps=GEMM_WARPS,
+                            num_stages=2)
         return y if glu is None else _glu_torch(y, glu, out)
     if m > GEMV_MAX_TOKENS or (w.kind == W_INT8 and xq):
         # int8 rows (the int8 lm_head) go to the tensor cores even for one token: nothing to unpack, and the
