@@ -65,7 +65,8 @@ class LiveServer:
         deadline = time.monotonic() + timeout
         while True:
             s = self.engine.stats()
-            if s["sequences_running"] == 0 and s["requests_waiting"] == 0 or time.monotonic() > deadline:
+            idle = s["sequences_running"] == 0 and s["requests_waiting"] == 0 and s["requests_running"] == 0
+            if idle or time.monotonic() > deadline:  # a request's slot is freed just after its last sequence
                 return s
             time.sleep(0.01)
 
