@@ -6,11 +6,10 @@ Two paths:
   ``rmsnorm`` returns a lazy ``Normed`` that the next matmul fuses into its prologue (with the int8
   quantization), so a ternary linear is one kernel for up to 4 tokens (``GEMV_MAX_TOKENS``; more go
   through a norm + quantization kernel and the tensor-core GEMM);
-- ``decode_batch`` (every sequence adds one token): seven kernels per layer (q/k/v matmul with RMSNorm +
+- ``decode_batch`` (every sequence adds one token): six kernels per layer (q/k/v matmul with RMSNorm +
   quantization prologue and RoPE + KV-append epilogue; split-KV attention; merge; o matmul with sub-norm +
-  quantization prologue and residual epilogue; gate/up matmul + gated activation; sub-norm + quantization;
-  down matmul + residual), replayed
-  from a CUDA graph captured once per (model, batch bucket). Sequences find their KV caches through a table of
+  quantization prologue and residual epilogue; gate/up matmul with norm + quantization prologue and gated
+  activation; down matmul with sub-norm + quantization prologue and residual epilogue), replayed from a CUDA graph captured once per (model, batch bucket). Sequences find their KV caches through a table of
   addresses in the graph's static inputs, so any mix of sequences and lengths replays the same graph.
 """
 

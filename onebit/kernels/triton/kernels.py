@@ -2,20 +2,21 @@
 
 Portable Triton only (no inline assembly), so Triton's AMD backend can compile them too. Conventions:
 
-- Ternary weights stay in the loaders' layout, viewed as int32 words: word ``j`` of row ``n`` holds the 2-bit
-  codes (t + 1) of inputs ``16 j .. 16 j + 15`` in bits ``2 i`` (the packed uint8 bytes, little-endian, rows
-  padded to whole words with code 1 = zero). Scales are float32 ``[C, out]`` (one row per input-column group).
+- Ternary weights are repacked at load into paired-row int32 words (``TernaryLayout``): one word holds two
+  rows' codes (t + 1) for 8 inputs, row A's in the low 16 bits and row B's in the high 16, so one integer
+  multiply-add covers both rows; tiles of PAIR_TILE pairs are contiguous. Scales are float32 ``[C, out]``
+  (one row per input-column group).
 - int8 activations: per-token absmax, ``s = 127 / max(|x|, 1e-5)``, ``q = round_half_even(x s)`` clamped to
   [-128, 127], exactly ``numpy_ref.act_quant``. Dot products accumulate in int32 (integer-exact against the
   reference: ``sum((code - 1) q) = sum(code q) - sum(q)``) and one float rescale ``acc / s * scale`` follows.
 - KV caches are float16 ``[layers, 2, max_len, Hkv, D]`` per sequence; batched decode kernels find each
   sequence's cache through a table of base addresses, so one CUDA graph serves any set of sequences.
 
-Kernel families: ``gemv`` (1-4 tokens: GEMV_MAX_TOKENS; CUDA cores, weights unpacked in registers and reused across tokens,
-with fused prologues (RMSNorm + quantization) and epilogues (residual add, gated activation, RoPE + KV append)),
-``gemm`` (more tokens, and int8 rows such as the int8 lm_head at any token count: tensor-core ``tl.dot`` on
-int8 tiles), ``norm_quant``, split-KV decode attention (CUDA-core FMAs, 16-byte vector loads of the cache) +
-merge, causal prefill attention, RoPE, embedding gather.
+Kernel families: ternary ``tgemv`` (1-4 tokens: GEMV_MAX_TOKENS; CUDA cores, RMSNorm + quantization once per
+program in its prologue; residual add, gated activation or RoPE + KV append in its epilogue) and ``tgemm``
+(more tokens: the same words unpacked for tensor-core ``tl.dot``); dense ``gemv`` / ``gemm`` (the lm_head; the
+int8 head on the tensor cores at any token count); ``norm_quant``; split-KV decode attention (CUDA-core FMAs,
+16-byte vector loads of the cache) + merge; causal prefill attention; RoPE; embedding gather.
 """
 
 from __future__ import annotations
@@ -213,6 +214,14 @@ def _gemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, M, K, N, eps,
 
 
 @triton.jit
+def _segment_scales(sc_ptr, g, N, ra, rb, ma, mb, sca, scb, C: tl.constexpr):
+    """Scales of rows ra / rb for input segment g: the one column group's (already loaded) or group g's."""
+    if C == 1:
+        return sca, scb
+    return tl.load(sc_ptr + g * N + ra, mask=ma, other=0.0), tl.load(sc_ptr + g * N + rb, mask=mb, other=0.0)
+
+
+@triton.jit
 def _tgemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, scq_ptr, scf_ptr, ss_ptr, M, N, NP, P, NSEG, eps,
                   # EPI_QKV: q out, RoPE tables, positions, cache tables
                   q_out_ptr, cos_ptr, sin_ptr, pos_ptr, base_ptr, maxlen_ptr, layer, HQ, HKV,
@@ -313,12 +322,7 @@ def _tgemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, scq_ptr, scf_pt
                 ib += gb
                 xs += xsum
             else:
-                if C == 1:
-                    sa = sca
-                    sb = scb
-                else:
-                    sa = tl.load(sc_ptr + g * N + ra, mask=ma, other=0.0)
-                    sb = tl.load(sc_ptr + g * N + rb, mask=mb, other=0.0)
+                sa, sb = _segment_scales(sc_ptr, g, N, ra, rb, ma, mb, sca, scb, C)
                 if INT:
                     fa += ga.to(tl.float32) * sa[None, :]
                     fb += gb.to(tl.float32) * sb[None, :]
@@ -406,12 +410,7 @@ def _tgemm_kernel(x_ptr, sx_ptr, w_ptr, sc_ptr, out_ptr, M, N, NP, P, NSEG,
             ia += aa
             ib += ab
         else:
-            if C == 1:
-                sa = sca
-                sb = scb
-            else:
-                sa = tl.load(sc_ptr + g * N + ra, mask=ma, other=0.0)
-                sb = tl.load(sc_ptr + g * N + rb, mask=mb, other=0.0)
+            sa, sb = _segment_scales(sc_ptr, g, N, ra, rb, ma, mb, sca, scb, C)
             if XQ:
                 oa += (aa.to(tl.float32) / sx[:, None]) * sa[None, :]
                 ob += (ab.to(tl.float32) / sx[:, None]) * sb[None, :]
