@@ -371,7 +371,7 @@ def _tgemm_kernel(x_ptr, sx_ptr, w_ptr, sc_ptr, out_ptr, M, N, NP, P, NSEG,
     rb = ra + P
     ma = pmask & (ra < N)
     mb = pmask & (rb < N)
-    wrow = (p // PB).to(tl.int64) * (KWT * PB) + p % PB
+    wrow = (p // PB) * (KWT * PB) + p % PB  # int32 offsets: data holds < 2**31 words
     jb = tl.arange(0, BKW)
     sx = 1.0
     if XQ:
@@ -380,18 +380,20 @@ def _tgemm_kernel(x_ptr, sx_ptr, w_ptr, sc_ptr, out_ptr, M, N, NP, P, NSEG,
     scb = tl.load(sc_ptr + rb, mask=mb, other=0.0)
     oa = tl.zeros([BM, BPG], dtype=tl.float32)
     ob = tl.zeros([BM, BPG], dtype=tl.float32)
-    ia = tl.zeros([BM, BPG], dtype=tl.int32)
-    ib = tl.zeros([BM, BPG], dtype=tl.int32)
-    for g in range(NSEG):
-        if XQ:
-            aa = tl.zeros([BM, BPG], dtype=tl.int32)
-            ab = tl.zeros([BM, BPG], dtype=tl.int32)
-        else:
-            aa = tl.zeros([BM, BPG], dtype=tl.float32)
-            ab = tl.zeros([BM, BPG], dtype=tl.float32)
+    if XQ:
+        aa = tl.zeros([BM, BPG], dtype=tl.int32)
+        ab = tl.zeros([BM, BPG], dtype=tl.int32)
+    else:
+        aa = tl.zeros([BM, BPG], dtype=tl.float32)
+        ab = tl.zeros([BM, BPG], dtype=tl.float32)
+    for g in range(NSEG):  # one column group: the accumulators run over every segment, scaled once at the end
+        if C > 1:
+            aa = tl.zeros_like(aa)
+            ab = tl.zeros_like(ab)
         for c0 in range(0, GW, BKW):
             jj = c0 + jb
-            w = tl.load(w_ptr + wrow[None, :] + (g * GW + jj)[:, None] * PB, mask=pmask[None, :], other=0x55555555)
+            w = tl.load(tl.max_contiguous(tl.multiple_of(w_ptr + wrow[None, :] + (g * GW + jj)[:, None] * PB,
+                                                         [16, 16]), [1, PB]), mask=pmask[None, :], other=0x55555555)
             for si in tl.static_range(8):
                 kk = si * GW + jj
                 k = g * GS + kk
@@ -406,10 +408,7 @@ def _tgemm_kernel(x_ptr, sx_ptr, w_ptr, sc_ptr, out_ptr, M, N, NP, P, NSEG,
                     x = tl.load(x_ptr + rm[:, None] * KIN + k[None, :], mask=xm, other=0.0)
                     aa += tl.dot(x, ta.to(tl.float32), input_precision="ieee")
                     ab += tl.dot(x, tb.to(tl.float32), input_precision="ieee")
-        if XQ and C == 1:
-            ia += aa
-            ib += ab
-        else:
+        if C > 1:
             sa, sb = _segment_scales(sc_ptr, g, N, ra, rb, ma, mb, sca, scb, C)
             if XQ:
                 oa += (aa.to(tl.float32) / sx[:, None]) * sa[None, :]
@@ -417,9 +416,13 @@ def _tgemm_kernel(x_ptr, sx_ptr, w_ptr, sc_ptr, out_ptr, M, N, NP, P, NSEG,
             else:
                 oa += aa * sa[None, :]
                 ob += ab * sb[None, :]
-    if XQ and C == 1:
-        oa = _mul_rn(ia.to(tl.float32) / sx[:, None], sca[None, :])
-        ob = _mul_rn(ib.to(tl.float32) / sx[:, None], scb[None, :])
+    if C == 1:
+        if XQ:
+            oa = _mul_rn(aa.to(tl.float32) / sx[:, None], sca[None, :])
+            ob = _mul_rn(ab.to(tl.float32) / sx[:, None], scb[None, :])
+        else:
+            oa = _mul_rn(aa, sca[None, :])
+            ob = _mul_rn(ab, scb[None, :])
     pa = out_ptr + rm[:, None] * N + ra[None, :]
     pb = out_ptr + rm[:, None] * N + rb[None, :]
     oma = mmask[:, None] & ma[None, :]
@@ -626,7 +629,7 @@ GEMV_MAX_TOKENS = 4
 SCRATCH_K = 65536  # the fused prologue's scratch holds GEMV_MAX_TOKENS rows of up to this many inputs
 ATTN_BLOCK = 16  # positions per decode-attention step (16 and 32 measured alike on an H200; 64 slower)
 PAIR_TILE = 16  # row pairs per ternary tile and gemv program (64 contiguous bytes per word row)
-GEMM_PAIRS, GEMM_WARPS = 32, 4  # row pairs and warps per ternary GEMM program
+GEMM_WORDS = 64  # words per ternary GEMM step (64 / 32: 157 / 200 us per layer at 64 tokens on an H200)
 GEMV_WARPS = 8  # tiles of 8 / 16 pairs with 2 / 4 / 8 warps measured on an H200: 16 pairs, 8 warps fastest
 _DUMMY: dict = {}
 _SCRATCH: dict = {}
@@ -826,11 +829,12 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
             return _ternary_gemv(x, w, lay, m, xq, sx, norm, eps, quant, out, residual, glu, qkv, n_out)
         y = out if (residual and glu is None) else torch.empty((m, w.n), dtype=torch.float32, device=dev)
         bm = 64 if m > 32 else 32 if m > 16 else 16
-        grid = (triton.cdiv(m, bm), triton.cdiv(lay.np, GEMM_PAIRS))
+        pairs = 16 if m > 16 else 32  # H200, per layer at 16 / 64 / 512 tokens: 70 / 157 / 539 us with 32 pairs,
+        grid = (triton.cdiv(m, bm), triton.cdiv(lay.np, pairs))  # 183 / 108 / 468 us with 16
         _tgemm_kernel[grid](x, sx if xq else d, w.data, w.scales, y, m, w.n, lay.np, lay.pair, lay.nseg,
                             KIN=w.k, KWT=lay.kwt, GW=lay.gw, GS=lay.gs, GLIM=lay.glim, C=w.c, PB=PAIR_TILE,
-                            XQ=xq, RESIDUAL=residual, BM=bm, BPG=GEMM_PAIRS, BKW=32, num_warps=GEMM_WARPS,
-                            num_stages=2)
+                            XQ=xq, RESIDUAL=residual, BM=bm, BPG=pairs, BKW=GEMM_WORDS if lay.gw % GEMM_WORDS == 0 else 32,
+                            num_warps=4, num_stages=2)
         return y if glu is None else _glu_torch(y, glu, out)
     if m > GEMV_MAX_TOKENS or (w.kind == W_INT8 and xq):
         # int8 rows (the int8 lm_head) go to the tensor cores even for one token: nothing to unpack, and the
