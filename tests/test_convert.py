@@ -81,29 +81,28 @@ def greedy(model, prompt, n=16):
 
 def test_llama_cpp_gives_the_same_greedy_tokens(tmp_path):
     """llama.cpp quantizes activations per 256-block (Q8_K) where TriLM keeps 16 bits, so its logits are close,
-    not equal (about 1% here). Greedy tokens are well defined only where the top two logits are further apart
-    than that: the test draws random models until one decides every step by a margin of at least 2%."""
+    not equal (about 1% here). Fed our greedy tokens (teacher forcing, so one near-tie cannot derail the rest),
+    its logits stay within 5% of max|logit| of ours, and its argmax is ours at every step our top two logits
+    are further apart than twice the error measured (most steps: the head is scaled up for clear margins)."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    rng = np.random.default_rng()
-    for attempt in range(30):
-        work = tmp_path / str(attempt)
-        src = trilm_folder(work, seed=int(rng.integers(1 << 20)), head_gain=30.0)
-        dst = work / "trilm-tq2_0.gguf"
-        assert main(["convert", str(src), str(dst), "--type", "tq2_0"]) == 0
-        ours = onebit.load(str(dst), backend="numpy")
-        prompt = ours.tokenizer.encode("It is a truth universally acknowledged")
-        mine = greedy(ours, prompt)
-        deciding = np.sort(ours.logits(prompt + mine[:-1])[len(prompt) - 1:], axis=1)[:, -2:]
-        margins = (deciding[:, 1] - deciding[:, 0]) / np.abs(deciding[:, 1])
-        if margins.min() >= 0.02:
-            break
-    else:
-        pytest.fail("no random model with clear greedy margins in 30 draws")
-    llm = llama_cpp.Llama(str(dst), n_ctx=128, verbose=False, n_threads=2)
-    theirs = []
-    for tok in llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
-        theirs.append(tok)
-        if len(theirs) == 16:
-            break
-    assert theirs == mine, f"attempt {attempt}, our top-2 margins per step {np.round(margins, 4).tolist()}"
+    src = trilm_folder(tmp_path, seed=int(np.random.default_rng().integers(1 << 20)), head_gain=30.0)
+    dst = tmp_path / "trilm-tq2_0.gguf"
+    assert main(["convert", str(src), str(dst), "--type", "tq2_0"]) == 0
+    ours = onebit.load(str(dst), backend="numpy")
+    prompt = ours.tokenizer.encode("It is a truth universally acknowledged")
+    mine = greedy(ours, prompt)
+    seq = prompt + mine
+    want = ours.logits(seq[:-1])
+    llm = llama_cpp.Llama(str(dst), n_ctx=128, verbose=False, n_threads=2, logits_all=True)
+    llm.eval(seq[:-1])
+    got = np.asarray(llm.scores[:len(seq) - 1], dtype=np.float32)
+    scale = np.abs(want).max()
+    err = np.abs(got - want).max() / scale
+    assert err < 0.05, f"llama.cpp's logits differ by {err:.3f} x max|logit|"
+    steps = want[len(prompt) - 1:]
+    top2 = np.sort(steps, axis=1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 2 * err * scale
+    assert clear.sum() >= len(mine) // 2, f"only {clear.sum()} of {len(mine)} steps decided clearly"
+    assert (got[len(prompt) - 1:].argmax(1) == steps.argmax(1))[clear].all()
+    assert [int(t) for t in steps.argmax(1)] == mine
     assert greedy(onebit.load(str(src), backend="numpy"), prompt) == mine  # the HF source agrees with its GGUF
