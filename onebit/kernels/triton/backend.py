@@ -9,8 +9,9 @@ Two paths:
 - ``decode_batch`` (every sequence adds one token): six kernels per layer (q/k/v matmul with RMSNorm +
   quantization prologue and RoPE + KV-append epilogue; split-KV attention; merge; o matmul with sub-norm +
   quantization prologue and residual epilogue; gate/up matmul with norm + quantization prologue and gated
-  activation; down matmul with sub-norm + quantization prologue and residual epilogue), replayed from a CUDA graph captured once per (model, batch bucket). Sequences find their KV caches through a table of
-  addresses in the graph's static inputs, so any mix of sequences and lengths replays the same graph.
+  activation; down matmul with sub-norm + quantization prologue and residual epilogue), replayed from a CUDA
+  graph captured once per (model, batch bucket). Sequences find their KV caches through a table of addresses in
+  the graph's static inputs, so any mix of sequences and lengths replays the same graph.
 """
 
 from __future__ import annotations

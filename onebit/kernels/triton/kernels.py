@@ -833,8 +833,8 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
         grid = (triton.cdiv(m, bm), triton.cdiv(lay.np, pairs))  # 183 / 108 / 468 us with 16
         _tgemm_kernel[grid](x, sx if xq else d, w.data, w.scales, y, m, w.n, lay.np, lay.pair, lay.nseg,
                             KIN=w.k, KWT=lay.kwt, GW=lay.gw, GS=lay.gs, GLIM=lay.glim, C=w.c, PB=PAIR_TILE,
-                            XQ=xq, RESIDUAL=residual, BM=bm, BPG=pairs, BKW=GEMM_WORDS if lay.gw % GEMM_WORDS == 0 else 32,
-                            num_warps=4, num_stages=2)
+                            XQ=xq, RESIDUAL=residual, BM=bm, BPG=pairs,
+                            BKW=GEMM_WORDS if lay.gw % GEMM_WORDS == 0 else 32, num_warps=4, num_stages=2)
         return y if glu is None else _glu_torch(y, glu, out)
     if m > GEMV_MAX_TOKENS or (w.kind == W_INT8 and xq):
         # int8 rows (the int8 lm_head) go to the tensor cores even for one token: nothing to unpack, and the
