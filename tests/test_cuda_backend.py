@@ -67,6 +67,23 @@ def test_ternary_matmul_is_integer_exact(m, n, k):
     np.testing.assert_array_equal(host(got), int_dot(xq, w.ternary()).astype(np.float32))
 
 
+@pytest.mark.parametrize("n,k,groups", [(37, 333, 1), (48, 512, 2), (5, 16, 1), (64, 4500, 1)])
+def test_ternary_layout_round_trips_and_re_pairs(n, k, groups):
+    """Packing into paired-row words loses nothing, and re-pairing rows (as the decode plan does for q/k/v)
+    leaves every product unchanged."""
+    codes = rng().integers(0, 3, (n, k)).astype(np.int8)
+    lay = K.TernaryLayout(n, k, groups)
+    np.testing.assert_array_equal(host(lay.unpack(lay.pack(dev(codes)))), codes)
+    m = K.Matrix.ternary(dev(codes), dev(rng().uniform(0.5, 2.0, (groups, n)).astype(np.float32)), groups)
+    xq = dev(rng().integers(-128, 128, (2, k)).astype(np.int8))
+    sx = dev(np.ones(2, np.float32))
+    before = K.matmul(xq, m, sx=sx)
+    m.repair(8)
+    assert m.layout.pair == 8
+    np.testing.assert_array_equal(host(m.layout.unpack(m.data)), codes)
+    torch.testing.assert_close(K.matmul(xq, m, sx=sx), before, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("m", [1, 33])
 @pytest.mark.parametrize("grid", ["one", "rows", "columns", "blocks"])
 @pytest.mark.parametrize("act_bits", [8, None])

@@ -701,10 +701,10 @@ class TernaryLayout:
         """codes [r, k] -> [r, kwt, 8] (word, slot), padded with code 1."""
         r = codes.shape[0]
         if self.c == 1:
-            full = torch.ones((r, self.nseg * self.gs), dtype=torch.int64, device=codes.device)
+            full = torch.ones((r, self.nseg * self.gs), dtype=torch.int8, device=codes.device)
             full[:, :self.k] = codes
         else:
-            full = torch.ones((r, self.c, 8 * self.gw), dtype=torch.int64, device=codes.device)
+            full = torch.ones((r, self.c, 8 * self.gw), dtype=torch.int8, device=codes.device)
             full[:, :, :self.gs] = codes.view(r, self.c, self.gs)
         return full.view(r, self.nseg, 8, self.gw).transpose(2, 3).reshape(r, self.kwt, 8)
 
@@ -717,15 +717,15 @@ class TernaryLayout:
         dev = codes.device
         words = torch.full((self.tiles * PAIR_TILE, self.kwt), 0x55555555, dtype=torch.int32, device=dev)
         shifts = 2 * torch.arange(8, dtype=torch.int64, device=dev)
-        step = max(1, (1 << 22) // max(1, self.kwt))
+        step = max(1, (1 << 20) // max(1, self.kwt))  # pairs per pass: int64 temporaries of ~64 MB
         for p0 in range(0, self.np, step):
             p = torch.arange(p0, min(self.np, p0 + step), device=dev)
             halves = []
             for rows in self._rows(p):
-                r = torch.ones((len(p), self.k), dtype=torch.int64, device=dev)
+                r = torch.ones((len(p), self.k), dtype=torch.int8, device=dev)
                 ok = rows < self.n
-                r[ok] = codes[rows[ok]].to(torch.int64)
-                halves.append(self._segments(r))
+                r[ok] = codes[rows[ok]].to(torch.int8)
+                halves.append(self._segments(r).to(torch.int64))
             w = (halves[0] << shifts).sum(-1) | (halves[1] << (shifts + 16)).sum(-1)
             words[p0:p0 + len(p)] = torch.where(w >= 1 << 31, w - (1 << 32), w).to(torch.int32)
         return words.view(self.tiles, PAIR_TILE, self.kwt).transpose(1, 2).contiguous()
