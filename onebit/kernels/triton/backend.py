@@ -338,9 +338,9 @@ class DecodeStep:
                 raise ValueError("every cache of a decode step must come from this backend's make_cache")
             if s.start + 1 > s.cache.max_len:
                 raise ValueError(f"context full: {s.start} + 1 tokens > {s.cache.max_len}")
-        if max(s.start for s in segments) >= self.cos.shape[0]:  # positions past the RoPE tables: grow them
-            self.cos, self.sin = self.be.rope_tables(float(self.cfg.rope_theta), self.d // 2,
-                                                     2 * max(s.start for s in segments) + 1)
+        last = max(s.start for s in segments)
+        if last >= self.cos.shape[0]:  # positions past the RoPE tables: grow them
+            self.cos, self.sin = self.be.rope_tables(float(self.cfg.rope_theta), self.d // 2, 2 * last + 1)
             self.graph, self.runs = None, 0  # the graph read the old tables: capture again
         self.h_ids[:n] = torch.from_numpy(np.asarray(ids, dtype=np.int64))
         self.h_ids[n:] = 0

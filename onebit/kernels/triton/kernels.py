@@ -126,52 +126,6 @@ def _norm_quant_kernel(x_ptr, nw_ptr, q_ptr, s_ptr, y_ptr, K, eps,
 
 
 @triton.jit
-def _load_x(x_ptr, sx_ptr, nw_ptr, m, kk, K, rstd, s, XQ: tl.constexpr, NORM: tl.constexpr,
-            QUANT: tl.constexpr):
-    """Activations of row m at input indices kk (any shape): int32 quantized values (XQ or QUANT) or float32."""
-    mask = kk < K
-    if XQ:
-        r = tl.load(x_ptr + m * K + kk, mask=mask, other=0).to(tl.int32)
-    else:
-        x = tl.load(x_ptr + m * K + kk, mask=mask, other=0.0)
-        if NORM:
-            x = (x / rstd) * tl.load(nw_ptr + kk, mask=mask, other=0.0)
-        if QUANT:
-            r = tl.minimum(tl.maximum(_round_half_even(x * s), -128.0), 127.0).to(tl.int32)
-        else:
-            r = x
-    return r
-
-
-@triton.jit
-def _gemv_rows(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, rows, m, K, N, rstd, s,
-               XQ: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr):
-    """float32 [BN]: row m of x times the int8 / 16-bit weight rows ``rows``, times their scales."""
-    INT: tl.constexpr = XQ or QUANT
-    if XQ:
-        s = tl.load(sx_ptr + m)
-    rmask = rows < N
-    kb = tl.arange(0, BKW)
-    if INT:
-        acc2 = tl.zeros([BN, BKW], dtype=tl.int32)
-    else:
-        acc2 = tl.zeros([BN, BKW], dtype=tl.float32)
-    for k0 in range(0, K, BKW):
-        kk = k0 + kb
-        x = _load_x(x_ptr, sx_ptr, nw_ptr, m, kk, K, rstd, s, XQ, NORM, QUANT)
-        w = tl.load(w_ptr + rows[:, None] * K + kk[None, :], mask=rmask[:, None] & (kk[None, :] < K), other=0)
-        if INT:
-            acc2 += w.to(tl.int32) * x[None, :]
-        else:
-            acc2 += w.to(tl.float32) * x[None, :]
-    acc = tl.sum(acc2, 1)
-    scale = tl.load(sc_ptr + rows, mask=rmask, other=0.0)
-    if INT:
-        return (acc.to(tl.float32) / s) * scale
-    return acc * scale
-
-
-@triton.jit
 def _rope_store_head(lo, hi, d, head, row, pos, q_out_ptr, cos_ptr, sin_ptr, base_ptr, maxlen_ptr, layer, HQ, HKV,
                      HALF: tl.constexpr, KVF32: tl.constexpr):
     """Halves lo, hi [HALF] (offsets d) of head ``head`` of a fused q/k/v row of sequence ``row`` at ``pos``:
@@ -199,18 +153,36 @@ def _rope_store_head(lo, hi, d, head, row, pos, q_out_ptr, cos_ptr, sin_ptr, bas
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, M, K, N, eps,
-                 XQ: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr, RESIDUAL: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, BK: tl.constexpr):
-    """Dense rows (the 16-bit lm_head): out[m, n] = x[m] . W[n] (+= with RESIDUAL) for M <= BM tokens."""
+def _gemv_kernel(x_ptr, w_ptr, sc_ptr, out_ptr, M, K, N, RESIDUAL: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, BKW: tl.constexpr):
+    """Dense rows (the 16-bit lm_head) times float32 x: out[m, n] = (x[m] . W[n]) * scale[n] (+= with RESIDUAL)
+    for M <= BM tokens (int8 activations go to the tensor-core gemm)."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    rmask = rows < N
+    kb = tl.arange(0, BKW)
+    scale = tl.load(sc_ptr + rows, mask=rmask, other=0.0)
     for mi in tl.static_range(BM):
         if mi < M:
-            rstd, s = _row_stats(x_ptr, nw_ptr, mi, K, eps, NORM, QUANT, BK)
-            y = _gemv_rows(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, rows, mi, K, N, rstd, s, XQ, NORM, QUANT, BN, BKW)
+            acc = tl.zeros([BN, BKW], dtype=tl.float32)
+            for k0 in range(0, K, BKW):
+                kk = k0 + kb
+                x = tl.load(x_ptr + mi * K + kk, mask=kk < K, other=0.0)
+                w = tl.load(w_ptr + rows[:, None] * K + kk[None, :], mask=rmask[:, None] & (kk[None, :] < K),
+                            other=0)
+                acc += w.to(tl.float32) * x[None, :]
+            y = tl.sum(acc, 1) * scale
             if RESIDUAL:
-                y += tl.load(out_ptr + mi * N + rows, mask=rows < N, other=0.0)
-            tl.store(out_ptr + mi * N + rows, y, mask=rows < N)
+                y += tl.load(out_ptr + mi * N + rows, mask=rmask, other=0.0)
+            tl.store(out_ptr + mi * N + rows, y, mask=rmask)
+
+
+@triton.jit
+def _pair_rows(p, P, NP, N):
+    """For row pairs p: (pair valid, row A, row B, row A valid, row B valid); see ``TernaryLayout``."""
+    pmask = p < NP
+    ra = (p // P) * (2 * P) + p % P
+    rb = ra + P
+    return pmask, ra, rb, pmask & (ra < N), pmask & (rb < N)
 
 
 @triton.jit
@@ -264,11 +236,7 @@ def _tgemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, scq_ptr, scf_pt
         xsrc = scf_ptr
     else:
         xsrc = x_ptr
-    pmask = p < NP
-    ra = (p // P) * (2 * P) + p % P
-    rb = ra + P
-    ma = pmask & (ra < N)
-    mb = pmask & (rb < N)
+    pmask, ra, rb, ma, mb = _pair_rows(p, P, NP, N)
     sca = tl.load(sc_ptr + ra, mask=ma, other=0.0)
     scb = tl.load(sc_ptr + rb, mask=mb, other=0.0)
     for mi in range(M):
@@ -366,11 +334,7 @@ def _tgemm_kernel(x_ptr, sx_ptr, w_ptr, sc_ptr, out_ptr, M, N, NP, P, NSEG,
     rm = pm * BM + tl.arange(0, BM)
     mmask = rm < M
     p = pn * BPG + tl.arange(0, BPG)
-    pmask = p < NP
-    ra = (p // P) * (2 * P) + p % P
-    rb = ra + P
-    ma = pmask & (ra < N)
-    mb = pmask & (rb < N)
+    pmask, ra, rb, ma, mb = _pair_rows(p, P, NP, N)
     wrow = (p // PB) * (KWT * PB) + p % PB  # int32 offsets: data holds < 2**31 words
     jb = tl.arange(0, BKW)
     sx = 1.0
@@ -747,13 +711,12 @@ class TernaryLayout:
 
 class Matrix:
     """A weight as the kernels read it: ``data`` (ternary: int32 words in ``layout``; int8 or float16/bfloat16
-    [N, K]), ``scales`` float32 [C, N] (C column groups of G inputs each)."""
+    [N, K]), ``scales`` float32 [C, N] (C column groups of k / C inputs each)."""
 
     def __init__(self, kind: int, data: torch.Tensor, scales: torch.Tensor, n: int, k: int, groups: int = 1,
                  layout: TernaryLayout | None = None):
         self.kind, self.data, self.scales, self.n, self.k = kind, data, scales, n, k
         self.c = groups
-        self.g = k // groups
         self.layout = layout
 
     @classmethod
@@ -836,9 +799,9 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
                             XQ=xq, RESIDUAL=residual, BM=bm, BPG=pairs,
                             BKW=GEMM_WORDS if lay.gw % GEMM_WORDS == 0 else 32, num_warps=4, num_stages=2)
         return y if glu is None else _glu_torch(y, glu, out)
-    if m > GEMV_MAX_TOKENS or (w.kind == W_INT8 and xq):
-        # int8 rows (the int8 lm_head) go to the tensor cores even for one token: nothing to unpack, and the
-        # int8 mma reads a 128k x 2560 head at ~94% of a plain read's pace (the gemv: ~73%)
+    if m > GEMV_MAX_TOKENS or xq:
+        # int8 activations (the int8 lm_head) go to the tensor cores even for one token: nothing to unpack, and
+        # the int8 mma reads a 128k x 2560 head at ~94% of a plain read's pace (the gemv: ~73%)
         y = out if (residual and glu is None) else torch.empty((m, w.n), dtype=torch.float32, device=dev)
         bm = 64 if m > 32 else 32 if m > 16 or w.kind != W_INT8 else 16
         grid = (triton.cdiv(m, bm), triton.cdiv(w.n, 64))
@@ -849,10 +812,8 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
     if out is None:
         out = torch.empty((m, w.n), dtype=torch.float32, device=dev)
     y = out if glu is None else torch.empty((m, w.n), dtype=torch.float32, device=dev)
-    _gemv_kernel[(triton.cdiv(w.n, 8),)](
-        x, sx if xq else d, norm if norm is not None else d, w.data, w.scales, y, m, w.k, w.n, eps,
-        XQ=xq, NORM=norm is not None, QUANT=quant and not xq, RESIDUAL=residual and glu is None, BM=_pow2(m),
-        BN=8, BKW=256, BK=min(1024, _pow2(w.k)), num_warps=4)
+    _gemv_kernel[(triton.cdiv(w.n, 8),)](x, w.data, w.scales, y, m, w.k, w.n, RESIDUAL=residual and glu is None,
+                                         BM=_pow2(m), BN=8, BKW=256, num_warps=4)
     return y if glu is None else _glu_torch(y, glu, out)
 
 
