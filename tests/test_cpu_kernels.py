@@ -46,6 +46,7 @@ TERNARY_CASES = [
     (4, 64, 512, (4, 2)), (5, 9, 1000, (9, 4)), (7, 33, 768, (33, 3)), (1, 250, 2560, (1, 1)),
     (9, 71, 777, (71, 1)), (16, 128, 256, (1, 1)), (33, 19, 513, (1, 1)),
     (100, 9, 6912, (1, 1)), (61, 13, 13824, (13, 2)),  # prefill: tokens in several passes over the codes
+    (20, 195, 2560, (5, 1)),  # GEMM tasks of 6 tiles (3-row blocks), a last task of one tile, a padded row
 ]
 
 

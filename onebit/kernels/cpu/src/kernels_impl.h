@@ -347,12 +347,17 @@ static void gemm_glu(ob_ctx *c, const float *full, int T, int N, int silu, float
 static int gemm_rows_per_task(int ntiles, int gpad, int nthreads) {
     int rg = OB_GEMM_Q_BYTES / (4 * gpad);
     rg = ob_min(rg, ntiles / (4 * nthreads));
-    return rg < 1 ? 1 : rg > 16 ? 16 : rg;
+    rg = rg < 1 ? 1 : rg > 16 ? 16 : rg;
+#ifdef OB_HAVE_TERN_MK_ROWS
+    if (rg > 3) rg -= rg % 3; /* whole 3-row blocks for the micro-kernel (4 x rg rows) */
+#endif
+    return rg;
 }
 
 /* A task: rg tiles (4 rows each) x all T tokens. Per column group the tiles' codes are unpacked once (rg x 4 x gpad
- * bytes, L2-resident), then each block of OB_TB tokens runs over all the rows; where the ISA's micro-kernel takes
- * a whole group (OB_TERN_MK_ANY_LEN) it reduces its accumulators once per group instead of once per chunk. */
+ * bytes, L2-resident), then each block of OB_TB tokens runs over all the rows. Where the ISA has a rows
+ * micro-kernel (OB_HAVE_TERN_MK_ROWS: AVX2's 3 x 3 blocks) it takes the task's rows and the whole group in one
+ * call, reducing its accumulators once per group; otherwise 4-row tiles in 1024-element chunks. */
 static void tern_i8_gemm_task(void *p, int task, int tid) {
     tern_job *j = p;
     const ob_tern *w = j->w;
@@ -369,16 +374,14 @@ static void tern_i8_gemm_task(void *p, int task, int tid) {
         for (int t0 = 0; t0 < T; t0 += OB_TB) {
             int nt = ob_min(OB_TB, T - t0);
             const int8_t *xt = j->xq + (size_t)t0 * w->Kp + (size_t)g * w->gpad;
-            for (int tl = 0; tl < ntl; tl++) {
-#ifdef OB_TERN_MK_ANY_LEN
-                prim_tern_mk(q + (size_t)tl * 4 * qs, qs, xt, w->Kp, nt, gblk * OB_BLK, ab + (size_t)t0 * RG * 4 + tl * 4,
-                             RG * 4);
+#ifdef OB_HAVE_TERN_MK_ROWS
+            prim_tern_mk_rows(q, qs, ntl * 4, xt, w->Kp, nt, gblk * OB_BLK, ab + (size_t)t0 * RG * 4, RG * 4);
 #else
+            for (int tl = 0; tl < ntl; tl++)
                 for (int kb = 0; kb < gblk; kb += OB_KCB)
                     prim_tern_mk(q + (size_t)tl * 4 * qs + (size_t)kb * OB_BLK, qs, xt + (size_t)kb * OB_BLK, w->Kp, nt,
                                  ob_min(OB_KCB, gblk - kb) * OB_BLK, ab + (size_t)t0 * RG * 4 + tl * 4, RG * 4);
 #endif
-            }
         }
         const float *rs = w->rs + (size_t)g * w->N + o0;
         for (int t = 0; t < T; t++) {

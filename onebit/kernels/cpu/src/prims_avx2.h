@@ -99,48 +99,117 @@ static void prim_tern_unpack4(const uint8_t *w, int nblk, uint8_t *q, size_t qst
         }
 }
 
-/* 2 rows x NT tokens over len elements (any multiple of 32). Two rows, not four: 2 x 3 int16 accumulators +
- * 3 activation vectors + the codes + a product fit AVX2's 16 ymm registers, where 4 x 3 spilled (measured on
- * Zen 3: 123 vs 81 GMAC/s per core on this loop with L1-resident data). The int16 sums are widened every 1024
- * elements (|sum| <= 32 x 508 < 2^15) into int32 vectors, and reduced across lanes once at the end. */
-OB_INLINE void tern_mk_n(const uint8_t *q, size_t qs, const int8_t *x, size_t xs, const int NT, int len,
-                         int32_t *acc, int astride) {
+/* NR rows x NT tokens over len elements (any multiple of 32), rows qs apart, tokens xs apart. 3 x 3 is the
+ * largest block whose int16 accumulators (9) + activations (3) + codes + product fit AVX2's 16 ymm registers,
+ * and it needs the fewest instructions per multiply: per 32 elements 6 loads, 9 maddubs, 9 adds and one index
+ * step (Zen 3 dispatches 6 per cycle; its two multiply pipes take 4.5 cycles for the 9 maddubs, so neither
+ * limits the other). One index and base-plus-index loads keep the loop free of pointer bookkeeping. The int16
+ * sums are widened every 1024 elements (|sum| <= 32 x 508 < 2^15) into int32 vectors, reduced across lanes
+ * once at the end. */
+OB_INLINE void tern_mk_rt(const uint8_t *q, size_t qs, const int8_t *x, size_t xs, const int NR, const int NT,
+                          int len, int32_t *acc, int astride) {
     const __m256i ones = _mm256_set1_epi16(1), z = _mm256_setzero_si256();
-    __m256i s32[2][OB_TB];
-    for (int r = 0; r < 2; r++)
+    const uint8_t *q0 = q, *q1 = q + qs, *q2 = q + 2 * qs;
+    const int8_t *x0 = x, *x1 = x + xs, *x2 = x + 2 * xs;
+    __m256i s32[3][3];
+#pragma GCC unroll 3
+    for (int r = 0; r < NR; r++)
+#pragma GCC unroll 3
         for (int t = 0; t < NT; t++) s32[r][t] = z;
     for (int e0 = 0; e0 < len; e0 += 1024) {
-        int e1 = len - e0 < 1024 ? len : e0 + 1024;
-        __m256i a[2][OB_TB];
-        for (int r = 0; r < 2; r++)
-            for (int t = 0; t < NT; t++) a[r][t] = z;
+        const int e1 = len - e0 < 1024 ? len : e0 + 1024;
+        __m256i a00 = z, a01 = z, a02 = z, a10 = z, a11 = z, a12 = z, a20 = z, a21 = z, a22 = z;
+#if defined(__GNUC__) && defined(__x86_64__)
+        if (NR == 3 && NT == 3) { /* the hot case in asm: GCC spills the 9 accumulators from the C loop below */
+            size_t i = (size_t)e0, end = (size_t)e1;
+            __asm__("1:\n\t"
+                    "vmovdqu (%[x0],%[i]), %%ymm11\n\t"
+                    "vmovdqu (%[x1],%[i]), %%ymm12\n\t"
+                    "vmovdqu (%[x2],%[i]), %%ymm13\n\t"
+                    "vmovdqu (%[q0],%[i]), %%ymm14\n\t"
+                    "vpmaddubsw %%ymm11, %%ymm14, %%ymm15\n\t"
+                    "vpaddw %%ymm15, %[a00], %[a00]\n\t"
+                    "vpmaddubsw %%ymm12, %%ymm14, %%ymm15\n\t"
+                    "vpaddw %%ymm15, %[a01], %[a01]\n\t"
+                    "vpmaddubsw %%ymm13, %%ymm14, %%ymm15\n\t"
+                    "vpaddw %%ymm15, %[a02], %[a02]\n\t"
+                    "vmovdqu (%[q1],%[i]), %%ymm14\n\t"
+                    "vpmaddubsw %%ymm11, %%ymm14, %%ymm15\n\t"
+                    "vpaddw %%ymm15, %[a10], %[a10]\n\t"
+                    "vpmaddubsw %%ymm12, %%ymm14, %%ymm15\n\t"
+                    "vpaddw %%ymm15, %[a11], %[a11]\n\t"
+                    "vpmaddubsw %%ymm13, %%ymm14, %%ymm15\n\t"
+                    "vpaddw %%ymm15, %[a12], %[a12]\n\t"
+                    "vmovdqu (%[q2],%[i]), %%ymm14\n\t"
+                    "vpmaddubsw %%ymm11, %%ymm14, %%ymm15\n\t"
+                    "vpaddw %%ymm15, %[a20], %[a20]\n\t"
+                    "vpmaddubsw %%ymm12, %%ymm14, %%ymm15\n\t"
+                    "vpaddw %%ymm15, %[a21], %[a21]\n\t"
+                    "vpmaddubsw %%ymm13, %%ymm14, %%ymm15\n\t"
+                    "vpaddw %%ymm15, %[a22], %[a22]\n\t"
+                    "add $32, %[i]\n\t"
+                    "cmp %[end], %[i]\n\t"
+                    "jb 1b\n\t"
+                    : [a00] "+x"(a00), [a01] "+x"(a01), [a02] "+x"(a02), [a10] "+x"(a10), [a11] "+x"(a11),
+                      [a12] "+x"(a12), [a20] "+x"(a20), [a21] "+x"(a21), [a22] "+x"(a22), [i] "+r"(i)
+                    : [x0] "r"(x0), [x1] "r"(x1), [x2] "r"(x2), [q0] "r"(q0), [q1] "r"(q1), [q2] "r"(q2),
+                      [end] "r"(end)
+                    : "cc", "memory", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
+        } else
+#endif
         for (int e = e0; e < e1; e += 32) {
-            __m256i xv[OB_TB];
-            for (int t = 0; t < NT; t++) xv[t] = _mm256_loadu_si256((const __m256i *)(x + t * xs + e));
-            for (int r = 0; r < 2; r++) {
-                __m256i qv = _mm256_loadu_si256((const __m256i *)(q + r * qs + e));
-                for (int t = 0; t < NT; t++) a[r][t] = _mm256_add_epi16(a[r][t], _mm256_maddubs_epi16(qv, xv[t]));
+            __m256i v0, v1 = z, v2 = z, w;
+            v0 = _mm256_loadu_si256((const __m256i *)(x0 + e));
+            if (NT > 1) v1 = _mm256_loadu_si256((const __m256i *)(x1 + e));
+            if (NT > 2) v2 = _mm256_loadu_si256((const __m256i *)(x2 + e));
+            w = _mm256_loadu_si256((const __m256i *)(q0 + e));
+            a00 = _mm256_add_epi16(a00, _mm256_maddubs_epi16(w, v0));
+            if (NT > 1) a01 = _mm256_add_epi16(a01, _mm256_maddubs_epi16(w, v1));
+            if (NT > 2) a02 = _mm256_add_epi16(a02, _mm256_maddubs_epi16(w, v2));
+            if (NR > 1) {
+                w = _mm256_loadu_si256((const __m256i *)(q1 + e));
+                a10 = _mm256_add_epi16(a10, _mm256_maddubs_epi16(w, v0));
+                if (NT > 1) a11 = _mm256_add_epi16(a11, _mm256_maddubs_epi16(w, v1));
+                if (NT > 2) a12 = _mm256_add_epi16(a12, _mm256_maddubs_epi16(w, v2));
+            }
+            if (NR > 2) {
+                w = _mm256_loadu_si256((const __m256i *)(q2 + e));
+                a20 = _mm256_add_epi16(a20, _mm256_maddubs_epi16(w, v0));
+                if (NT > 1) a21 = _mm256_add_epi16(a21, _mm256_maddubs_epi16(w, v1));
+                if (NT > 2) a22 = _mm256_add_epi16(a22, _mm256_maddubs_epi16(w, v2));
             }
         }
-        for (int r = 0; r < 2; r++)
+        const __m256i a[3][3] = {{a00, a01, a02}, {a10, a11, a12}, {a20, a21, a22}};
+#pragma GCC unroll 3
+        for (int r = 0; r < NR; r++)
+#pragma GCC unroll 3
             for (int t = 0; t < NT; t++) s32[r][t] = _mm256_add_epi32(s32[r][t], _mm256_madd_epi16(a[r][t], ones));
     }
+#pragma GCC unroll 3
     for (int t = 0; t < NT; t++) {
-        __m128i s = hsum4_epi32(s32[0][t], s32[1][t], z, z);
-        __m128i *dst = (__m128i *)(acc + t * astride);
-        _mm_storel_epi64(dst, _mm_add_epi32(_mm_loadl_epi64(dst), s));
+        __m128i s = hsum4_epi32(s32[0][t], NR > 1 ? s32[1][t] : z, NR > 2 ? s32[2][t] : z, z);
+        int32_t *dst = acc + t * astride;
+        dst[0] += _mm_cvtsi128_si32(s);
+        if (NR > 1) dst[1] += _mm_extract_epi32(s, 1);
+        if (NR > 2) dst[2] += _mm_extract_epi32(s, 2);
     }
 }
 
-#define OB_TERN_MK_ANY_LEN /* prim_tern_mk takes a whole column group, not 1024-element chunks */
-#define OB_HAVE_TERN_MK
-static void prim_tern_mk(const uint8_t *q, size_t qs, const int8_t *x, size_t xs, int nt, int len, int32_t *acc,
-                         int astride) {
-    for (int p = 0; p < 4; p += 2) { /* rows 0-1, then 2-3 */
-        if (nt == 3) tern_mk_n(q + p * qs, qs, x, xs, 3, len, acc + p, astride);
-        else if (nt == 2) tern_mk_n(q + p * qs, qs, x, xs, 2, len, acc + p, astride);
-        else tern_mk_n(q + p * qs, qs, x, xs, 1, len, acc + p, astride);
-    }
+#define OB_HAVE_TERN_MK_ROWS
+/* nrows rows (qs apart) x nt tokens: blocks of 3 rows, then the 1-2 left over. */
+static void prim_tern_mk_rows(const uint8_t *q, size_t qs, int nrows, const int8_t *x, size_t xs, int nt, int len,
+                              int32_t *acc, int astride) {
+#define OB_MK_NT(NR)                                                                              \
+    do {                                                                                          \
+        if (nt == 3) tern_mk_rt(q + (size_t)r * qs, qs, x, xs, NR, 3, len, acc + r, astride);     \
+        else if (nt == 2) tern_mk_rt(q + (size_t)r * qs, qs, x, xs, NR, 2, len, acc + r, astride); \
+        else tern_mk_rt(q + (size_t)r * qs, qs, x, xs, NR, 1, len, acc + r, astride);             \
+    } while (0)
+    int r = 0;
+    for (; r + 3 <= nrows; r += 3) OB_MK_NT(3);
+    if (nrows - r == 2) OB_MK_NT(2);
+    else if (nrows - r == 1) OB_MK_NT(1);
+#undef OB_MK_NT
 }
 
 #endif
