@@ -446,6 +446,12 @@ def _kv_rows(base, pos, d, ROW: tl.constexpr):
 
 
 @triton.jit
+def _split_chunk(n, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    """Positions per split of an n-position context: whole BLOCKs, at least one."""
+    return tl.maximum(tl.cdiv(tl.cdiv(n, SPLITS), BLOCK), 1) * BLOCK
+
+
+@triton.jit
 def _decode_attn_kernel(q_ptr, base_ptr, maxlen_ptr, len_ptr, part_o_ptr, part_ml_ptr, layer, scale,
                         HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GP: tl.constexpr,
                         SPLITS: tl.constexpr, BLOCK: tl.constexpr, KVF32: tl.constexpr):
@@ -455,8 +461,10 @@ def _decode_attn_kernel(q_ptr, base_ptr, maxlen_ptr, len_ptr, part_o_ptr, part_m
     b, h, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     GROUP: tl.constexpr = HQ // HKV
     n = tl.load(len_ptr + b)
-    chunk = tl.cdiv(tl.cdiv(n, SPLITS), BLOCK) * BLOCK
+    chunk = _split_chunk(n, SPLITS, BLOCK)
     lo = sp * chunk
+    if lo >= n:  # past the context: the merge reads only the splits that hold positions
+        return
     hi = tl.minimum(lo + chunk, n)
     if KVF32:
         base = tl.load(base_ptr + b).to(tl.pointer_type(tl.float32))
@@ -492,12 +500,15 @@ def _decode_attn_kernel(q_ptr, base_ptr, maxlen_ptr, len_ptr, part_o_ptr, part_m
 
 
 @triton.jit
-def _merge_kernel(part_o_ptr, part_ml_ptr, out_ptr, D: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr):
-    """Program (sequence b, query head h): log-sum-exp merge of the head's split partials -> out [D]."""
+def _merge_kernel(part_o_ptr, part_ml_ptr, out_ptr, len_ptr, HQ: tl.constexpr, D: tl.constexpr,
+                  SPLITS: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (sequence b, query head h): log-sum-exp merge of the head's split partials -> out [D]; only the
+    splits that hold positions (a short context fills a few of the graph's fixed count) are read."""
     row0 = tl.program_id(0) * SPLITS  # rows of (b * HQ + h) * SPLITS + split
+    n = tl.load(len_ptr + tl.program_id(0) // HQ)
     ss = tl.arange(0, SP)
     d = tl.arange(0, D)
-    smask = ss < SPLITS
+    smask = ss * _split_chunk(n, SPLITS, BLOCK) < n
     m = tl.load(part_ml_ptr + (row0 + ss) * 2, mask=smask, other=float("-inf"))
     l = tl.load(part_ml_ptr + (row0 + ss) * 2 + 1, mask=smask, other=0.0)
     mmax = tl.max(m, 0)
@@ -747,11 +758,13 @@ def norm_quant(x: torch.Tensor, weight: torch.Tensor | None, eps: float, quant: 
     if quant:
         q = torch.empty((m, k), dtype=torch.int8, device=dev)
         s = torch.empty((m,), dtype=torch.float32, device=dev)
+        # the gemv's warp count: the same reduction tree, so its fused prologue gives these bits exactly
         _norm_quant_kernel[(m,)](x, weight if weight is not None else d, q, s, d, k, eps,
-                                 NORM=weight is not None, QUANT=True, BK=bk, ONE=one)
+                                 NORM=weight is not None, QUANT=True, BK=bk, ONE=one, num_warps=GEMV_WARPS)
         return q, s
     y = torch.empty_like(x)
-    _norm_quant_kernel[(m,)](x, weight, d, d, y, k, eps, NORM=True, QUANT=False, BK=bk, ONE=one)
+    _norm_quant_kernel[(m,)](x, weight, d, d, y, k, eps, NORM=True, QUANT=False, BK=bk, ONE=one,
+                             num_warps=GEMV_WARPS)
     return y
 
 
@@ -868,8 +881,8 @@ def decode_attention_tables(q: torch.Tensor, base: torch.Tensor, maxlen: torch.T
                                           HQ=hq, HKV=hkv, D=d, GP=gp, SPLITS=splits, BLOCK=ATTN_BLOCK,
                                           KVF32=kv_f32, num_warps=4, num_stages=1)
     out = torch.empty((b, hq * d), dtype=torch.float32, device=dev)
-    _merge_kernel[(b * hq,)](scr["po"], scr["pml"], out, D=d, SPLITS=splits, SP=max(2, _pow2(splits)),
-                             num_warps=2)
+    _merge_kernel[(b * hq,)](scr["po"], scr["pml"], out, lengths, HQ=hq, D=d, SPLITS=splits,
+                             SP=max(2, _pow2(splits)), BLOCK=ATTN_BLOCK, num_warps=2)
     return out
 
 
