@@ -646,9 +646,10 @@ static void norm_task(void *p, int t, int tid) {
     norm_job *j = p;
     const float *restrict x = j->x + (size_t)t * j->n, *restrict w = j->w;
     float *restrict y = j->y + (size_t)t * j->n;
-    float var = pairwise_sq(x, j->n) / (float)j->n;
+    const int n = j->n; /* a local bound: with j->n the stores to y could alias *j, and the loop stayed scalar */
+    float var = pairwise_sq(x, n) / (float)n;
     float d = sqrtf(var + j->eps);
-    for (int i = 0; i < j->n; i++) y[i] = (x[i] / d) * w[i];
+    for (int i = 0; i < n; i++) y[i] = (x[i] / d) * w[i];
 }
 
 static void OB_CAT(rmsnorm_, OB_ISA)(ob_ctx *c, const float *x, const float *w, int T, int n, float eps,
