@@ -111,6 +111,20 @@ def test_norm_quant_matches_reference(m, k):
     np.testing.assert_allclose(host(y), rmsnorm(x, wt, 1e-6), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("m", [1, 20])  # the gemv and the gemm paths
+def test_matmul_rejects_epilogues_that_do_not_combine(m):
+    """Checked before any kernel runs: a residual add needs its output, and glu does not take one."""
+    be = backend()
+    w = be.prepare_ternary(random_ternary(16, 64, 1.0))
+    x = dev(rng().standard_normal((m, 64)).astype(np.float32))
+    out = dev(np.zeros((m, 16), np.float32))
+    with pytest.raises(ValueError, match="adds into out"):
+        K.matmul(x, w, norm=dev(np.ones(64, np.float32)), eps=1e-5, quant=True, residual=True)
+    with pytest.raises(ValueError, match="do not combine"):
+        K.matmul(x, w, quant=True, out=out, residual=True, glu=K.ACT_RELU2)
+    assert np.array_equal(host(out), np.zeros((m, 16), np.float32))
+
+
 @pytest.mark.parametrize("m", [1, 4, 20])
 def test_fused_prologue_and_epilogues_equal_the_separate_kernels(m):
     """RMSNorm + quantization in the matmul's prologue, residual add and gated activation in its epilogue give

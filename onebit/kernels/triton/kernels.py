@@ -792,13 +792,13 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
     gemv = w.kind == W_TERNARY and m <= GEMV_MAX_TOKENS and (xq or w.k <= SCRATCH_K)
     if not gemv and qkv is not None:
         raise ValueError("the fused RoPE + KV append epilogue is for ternary decode steps")
-    if not gemv and not xq and (norm is not None or quant):  # one norm (+ quantization) kernel first
-        xn = norm_quant(x, norm, eps, quant=quant)
-        x, sx, xq, norm = (xn[0], xn[1], True, None) if quant else (xn, None, False, None)
     if glu is not None and residual:
         raise ValueError("glu and residual do not combine")
     if out is None and residual:
         raise ValueError("residual=True adds into out: pass it")
+    if not gemv and not xq and (norm is not None or quant):  # one norm (+ quantization) kernel first
+        xn = norm_quant(x, norm, eps, quant=quant)
+        x, sx, xq, norm = (xn[0], xn[1], True, None) if quant else (xn, None, False, None)
     if w.kind == W_TERNARY:
         lay = w.layout
         if gemv:
