@@ -272,7 +272,8 @@ def fill_cache(b, r, L, hkv, d, max_len, n):
 
 @pytest.mark.parametrize("T,start,hq,hkv,d", [
     (1, 0, 1, 1, 8), (1, 1000, 20, 5, 128), (1, 77, 4, 4, 64), (3, 500, 8, 2, 32),
-    (37, 0, 4, 2, 64), (40, 23, 6, 3, 16), (130, 5, 2, 1, 128), (5, 3000, 4, 1, 100)])
+    (37, 0, 4, 2, 64), (40, 23, 6, 3, 16), (130, 5, 2, 1, 128), (5, 3000, 4, 1, 100), (33, 0, 6, 2, 24),
+    (70, 9, 20, 5, 128)])
 def test_attention_matches_reference(backend, T, start, hq, hkv, d):
     r = rng()
     nc, cc = fill_cache(backend, r, 2, hkv, d, start + T + 3, start + T)
@@ -292,8 +293,29 @@ def test_attention_f16_cache_is_close():
     assert np.allclose(b.attention(q, cc, 0, 298), REF.attention(q, nc, 0, 298), rtol=0, atol=5e-3)
 
 
+def test_f16_cache_store_rounds_like_numpy(backend):
+    """The KV store's float -> half conversion (F16C where the ISA has it) gives NumPy's halves bit for bit:
+    ties to even, subnormals, overflow to inf, signed zeros, inf and NaN, at every position of a SIMD step."""
+    b = cpu.CpuBackend(isa=backend.isa, threads=2, kv_dtype="f16")
+    r = rng()
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 65504.0, 65519.99, 65520.0, -1e6, 6.1e-5, 5.96e-8,
+                        2.98e-8, 2.99e-8, -3e-6, 1e-40, 1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11, 2049.0, 2051.0],
+                       dtype=np.float32)
+    ties = (r.integers(-2 ** 14, 2 ** 14, 400) * 2.0 ** -10 + 2.0 ** -11).astype(np.float32)  # exact half ties
+    vals = np.concatenate([special, ties, r.standard_normal(600).astype(np.float32) * 10.0 ** r.integers(-9, 6, 600)])
+    d = 37  # not a multiple of the SIMD width: the tail takes the scalar conversion
+    n = len(vals) // d
+    k = vals[:n * d].reshape(n, 1, d).astype(np.float32)
+    cc = b.make_cache(1, 1, d, n)
+    b.kv_append(cc, 0, k, k, 0)
+    want = k[:, 0].astype(np.float16)
+    assert np.array_equal(cc.k[0, 0, :n].view(np.uint16), want.view(np.uint16))
+    assert np.array_equal(cc.v[0, 0, :n].view(np.uint16), want.view(np.uint16))
+
+
 @pytest.mark.parametrize("T,start,hq,hkv,d", [(1, 0, 1, 1, 8), (1, 1000, 20, 5, 128), (3, 500, 8, 2, 32),
-                                              (37, 0, 4, 2, 64), (5, 3000, 4, 1, 100)])
+                                              (37, 0, 4, 2, 64), (5, 3000, 4, 1, 100), (70, 9, 20, 5, 128),
+                                              (33, 100, 6, 2, 24)])
 def test_attention_f16_cache_matches_the_f16_reference(backend, T, start, hq, hkv, d):
     """Both backends hold the same float16 K/V (round to nearest even): they agree as closely as with f32."""
     fb, ref16 = cpu.CpuBackend(isa=backend.isa, threads=2, kv_dtype="f16"), NumpyBackend(kv_dtype="f16")

@@ -88,7 +88,7 @@ uint16_t ob_float_to_half(float f) {
 }
 
 /* src f32 [T, H, D] -> the cache [H, max_len, D] (one layer) at positions start.., f32 or f16. */
-void ob_kv_store(const float *src, int T, int H, int D, void *dst, int kvtype, int max_len, int start) {
+void ob_kv_store(ob_ctx *c, const float *src, int T, int H, int D, void *dst, int kvtype, int max_len, int start) {
     for (int t = 0; t < T; t++)
         for (int h = 0; h < H; h++) {
             const float *s = src + ((size_t)t * H + h) * D;
@@ -96,8 +96,7 @@ void ob_kv_store(const float *src, int T, int H, int D, void *dst, int kvtype, i
             if (kvtype == OB_F32) {
                 memcpy((float *)dst + off, s, sizeof(float) * (size_t)D);
             } else {
-                uint16_t *d = (uint16_t *)dst + off;
-                for (int i = 0; i < D; i++) d[i] = ob_float_to_half(s[i]);
+                c->k->to_half(s, (size_t)D, (uint16_t *)dst + off);
             }
         }
 }

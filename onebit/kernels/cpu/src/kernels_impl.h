@@ -211,6 +211,27 @@ static void prim_exp(float *x, int n) {
 }
 #endif
 
+#ifndef OB_HAVE_TO_HALF
+static void prim_to_half(const float *x, size_t n, uint16_t *y) {
+    for (size_t i = 0; i < n; i++) y[i] = ob_float_to_half(x[i]);
+}
+#endif
+
+#ifndef OB_HAVE_SOFTMAX_STEP
+/* One online-softmax step on a score row s[0:nk] of which the first nv (>= 1) count: mx = max(m, s[0:nv]),
+ * s[j] = exp(s[j] - mx) for j < nv and 0 past it; returns mx and the sum of the new s in *sum. */
+static float prim_softmax_step(float *s, int nv, int nk, float m, float *sum) {
+    float mx = m, acc = 0.0f;
+    for (int j = 0; j < nv; j++) mx = s[j] > mx ? s[j] : mx;
+    for (int j = 0; j < nv; j++) s[j] -= mx;
+    prim_exp(s, nv);
+    for (int j = 0; j < nv; j++) acc += s[j];
+    for (int j = nv; j < nk; j++) s[j] = 0.0f;
+    *sum = acc;
+    return mx;
+}
+#endif
+
 /* ============================ activation quantization ========================================== */
 
 typedef struct {
@@ -392,13 +413,17 @@ static void tern_i8_gemm_task(void *p, int task, int tid) {
                 int32_t *ac = j->acc + ((size_t)g * T + t) * w->N + o0;
                 for (int r = 0; r < nrow; r++) ac[r] = at[r] - sm;
             }
-            if (g == 0)
+            if (g == 0 && w->C == 1 && j->res) { /* one group: the residual add in the same pass (same sums) */
+                const float *rt = j->res + (size_t)t * w->N + o0;
+                for (int r = 0; r < nrow; r++) yt[r] = rt[r] + (0.0f + ((float)(at[r] - sm) / sx) * rs[r]);
+            } else if (g == 0) {
                 for (int r = 0; r < nrow; r++) yt[r] = 0.0f + ((float)(at[r] - sm) / sx) * rs[r];
-            else
+            } else {
                 for (int r = 0; r < nrow; r++) yt[r] += ((float)(at[r] - sm) / sx) * rs[r];
+            }
         }
     }
-    gemm_residual(j, o0, nrow);
+    if (w->C > 1) gemm_residual(j, o0, nrow);
 }
 
 /* ~16 tasks per thread: whichever thread finishes first takes the next, so the end of an op waits for at most
@@ -765,13 +790,8 @@ static void attn_task(void *p, int task, int tid) {
                 memset(si, 0, sizeof(float) * nk);
                 continue;
             }
-            float mx = m[i];
-            for (int jj = 0; jj < nv; jj++) mx = si[jj] > mx ? si[jj] : mx;
-            float corr = expf(m[i] - mx), sum = 0.0f;
-            for (int jj = 0; jj < nv; jj++) si[jj] -= mx;
-            prim_exp(si, nv);
-            for (int jj = 0; jj < nv; jj++) sum += si[jj];
-            for (int jj = nv; jj < nk; jj++) si[jj] = 0.0f;
+            float sum, mx = prim_softmax_step(si, nv, nk, m[i], &sum);
+            float corr = mx == m[i] ? 1.0f : expf(m[i] - mx);
             l[i] = l[i] * corr + sum;
             m[i] = mx;
             if (corr != 1.0f)
@@ -849,4 +869,5 @@ const ob_kernels OB_CAT(ob_kernels_, OB_ISA) = {
     OB_CAT(rope_, OB_ISA),
     OB_CAT(glu_, OB_ISA),
     OB_CAT(attention_, OB_ISA),
+    prim_to_half,
 };

@@ -412,7 +412,7 @@ static PyObject *py_kv_store(PyObject *self, PyObject *const *a, Py_ssize_t na) 
     if (parse(a, na, "CRnnnWnnnn", &bs, &c, &src, &T, &H, &D, &dst, &kvt, &layer, &ml, &start) < 0) return NULL;
     size_t off = kv_layer_offset(layer, H, ml, D, kvt);
     Py_BEGIN_ALLOW_THREADS
-    ob_kv_store(src, (int)T, (int)H, (int)D, (char *)dst + off, (int)kvt, (int)ml, (int)start);
+    ob_kv_store(c, src, (int)T, (int)H, (int)D, (char *)dst + off, (int)kvt, (int)ml, (int)start);
     Py_END_ALLOW_THREADS
     release(&bs);
     Py_RETURN_NONE;
@@ -477,8 +477,8 @@ static PyObject *py_decode_step(PyObject *self, PyObject *const *a, Py_ssize_t n
         c->k->rope(c, qkv, 1, (int)Hq, (int)D, cs, sn, &p64, qr);
         c->k->rope(c, qkv + qd, 1, (int)Hkv, (int)D, cs, sn, &p64, kr);
         size_t loff = kv_layer_offset(l, Hkv, ml, D, kvt);
-        ob_kv_store(kr, 1, (int)Hkv, (int)D, (char *)kc + loff, (int)kvt, (int)ml, (int)pos);
-        ob_kv_store(qkv + qd + kd, 1, (int)Hkv, (int)D, (char *)vc + loff, (int)kvt, (int)ml, (int)pos);
+        ob_kv_store(c, kr, 1, (int)Hkv, (int)D, (char *)kc + loff, (int)kvt, (int)ml, (int)pos);
+        ob_kv_store(c, qkv + qd + kd, 1, (int)Hkv, (int)D, (char *)vc + loff, (int)kvt, (int)ml, (int)pos);
         c->k->attention(c, qr, 1, (int)Hq, (int)D, (char *)kc + loff, (char *)vc + loff, (int)kvt, (int)Hkv, (int)ml,
                         (int)pos, att);
         ok = run_ternary(c, att, 1, &wo, x2, i8, NULL, n_attn, (float)eps, h, OB_GLU_NONE);

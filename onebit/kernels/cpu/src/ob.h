@@ -67,6 +67,8 @@ typedef struct ob_kernels {
     /* q [T, Hq, D]; k/v cache of one layer [Hkv, max_len, D] (f32 or f16); -> y [T, Hq, D] */
     void (*attention)(ob_ctx *, const float *q, int T, int Hq, int D, const void *k, const void *v, int kvtype,
                       int Hkv, int max_len, int start, float *y);
+    /* x f32 [n] -> IEEE half, round to nearest even (ob_float_to_half's results) */
+    void (*to_half)(const float *x, size_t n, uint16_t *y);
 } ob_kernels;
 
 /* dispatch.c */
@@ -80,6 +82,6 @@ void ob_repack_ternary(ob_ctx *c, const uint8_t *packed, int N, int K, int C, ui
 float ob_half_to_float(uint16_t h);
 uint16_t ob_float_to_half(float f); /* round to nearest even, as NumPy */
 /* src f32 [T, H, D] -> one layer's cache [H, max_len, D] (OB_F32 or OB_F16) at positions start.. */
-void ob_kv_store(const float *src, int T, int H, int D, void *dst, int kvtype, int max_len, int start);
+void ob_kv_store(ob_ctx *c, const float *src, int T, int H, int D, void *dst, int kvtype, int max_len, int start);
 
 #endif
