@@ -646,10 +646,14 @@ static float pairwise_sq(const float *a, int n) {
     }
     if (n <= 128) {
         float r[8];
+        int i = n - (n % 8);
+#ifdef OB_HAVE_SQ8
+        prim_sq8(a, i, r); /* the eight lane sums below, one vector */
+#else
         for (int k = 0; k < 8; k++) r[k] = a[k] * a[k];
-        int i;
-        for (i = 8; i < n - (n % 8); i += 8)
-            for (int k = 0; k < 8; k++) r[k] += a[i + k] * a[i + k];
+        for (int b = 8; b < i; b += 8)
+            for (int k = 0; k < 8; k++) r[k] += a[b + k] * a[b + k];
+#endif
         float res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
         for (; i < n; i++) res += a[i] * a[i];
         return res;

@@ -702,6 +702,18 @@ static void prim_exp(float *x, int n) {
     }
 }
 
+#define OB_HAVE_SQ8
+/* r[k] = sum over b of a[8b + k]^2 in order, for n (a multiple of 8, >= 8) elements: NumPy's eight pairwise
+ * accumulators as one vector (each square rounded, then added: no FMA) */
+OB_INLINE void prim_sq8(const float *a, int n, float r[8]) {
+    __m256 v = _mm256_loadu_ps(a), acc = _mm256_mul_ps(v, v);
+    for (int b = 8; b < n; b += 8) {
+        v = _mm256_loadu_ps(a + b);
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
+    }
+    _mm256_storeu_ps(r, acc);
+}
+
 #define OB_HAVE_TO_HALF
 /* F16C's conversion with round-to-nearest-even: the same halves as ob_float_to_half (NaN stays a quiet NaN) */
 static void prim_to_half(const float *x, size_t n, uint16_t *y) {
