@@ -126,11 +126,12 @@ def test_matmul_rejects_epilogues_that_do_not_combine(m):
 
 
 @pytest.mark.parametrize("m", [1, 4, 20])
-@pytest.mark.parametrize("per_sm", [0, 1 << 30])  # every gemv quantizes first / none does (PROLOGUE_PROGRAMS_PER_SM)
-def test_fused_prologue_and_epilogues_equal_the_separate_kernels(m, per_sm, monkeypatch):
+@pytest.mark.parametrize("first", [True, False])  # every gemv quantizes first / none does (PROLOGUE_*)
+def test_fused_prologue_and_epilogues_equal_the_separate_kernels(m, first, monkeypatch):
     """RMSNorm + quantization in the matmul's prologue (or, for gemvs of many programs, in norm_quant first),
     residual add and gated activation in its epilogue give exactly what norm_quant + matmul + torch ops give."""
-    monkeypatch.setattr(K, "PROLOGUE_PROGRAMS_PER_SM", per_sm)
+    monkeypatch.setattr(K, "PROLOGUE_PROGRAMS_PER_SM", 0 if first else 1 << 30)
+    monkeypatch.setattr(K, "PROLOGUE_MAX_TOKENS", 0 if first else K.GEMV_MAX_TOKENS)
     k, inter = 192, 333
     x = rng().standard_normal((m, k)).astype(np.float32)
     nw = dev(rng().uniform(0.5, 1.5, k).astype(np.float32))

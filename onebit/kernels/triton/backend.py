@@ -4,12 +4,13 @@ CUDA-graph-captured decode step.
 Two paths:
 - the protocol (prefill, perplexity, anything with more than one new token per sequence): each op is a kernel;
   ``rmsnorm`` returns a lazy ``Normed`` that the next matmul fuses into its prologue (with the int8
-  quantization), so a ternary linear is one kernel for up to 4 tokens (``GEMV_MAX_TOKENS``; more go
-  through a norm + quantization kernel and the tensor-core GEMM);
-- ``decode_batch`` (every sequence adds one token): six kernels per layer (q/k/v matmul with RMSNorm +
-  quantization prologue and RoPE + KV-append epilogue; split-KV attention; merge; o matmul with sub-norm +
-  quantization prologue and residual epilogue; gate/up matmul with norm + quantization prologue and gated
-  activation; down matmul with sub-norm + quantization prologue and residual epilogue), replayed from a CUDA
+  quantization), so a ternary linear is one kernel for one token (``kernels.PROLOGUE_*``: a gemv of many
+  programs, 2-4 tokens and more go through a norm + quantization kernel first; more than ``GEMV_MAX_TOKENS``
+  then take the tensor-core GEMM);
+- ``decode_batch`` (every sequence adds one token): at one token seven kernels per layer (q/k/v matmul with
+  RMSNorm + quantization prologue and RoPE + KV-append epilogue; split-KV attention; merge; o matmul with
+  sub-norm + quantization prologue and residual epilogue; norm + quantization, then the gate/up matmul on int8
+  with the gated activation; down matmul with sub-norm + quantization prologue and residual epilogue), replayed from a CUDA
   graph captured once per (model, batch bucket). Sequences find their KV caches through a table of addresses in
   the graph's static inputs, so any mix of sequences and lengths replays the same graph.
 """

@@ -13,7 +13,8 @@ Portable Triton only (no inline assembly), so Triton's AMD backend can compile t
   sequence's cache through a table of base addresses, so one CUDA graph serves any set of sequences.
 
 Kernel families: ternary ``tgemv`` (1-4 tokens: GEMV_MAX_TOKENS; CUDA cores, RMSNorm + quantization once per
-program in its prologue; residual add, gated activation or RoPE + KV append in its epilogue) and ``tgemm``
+program in its prologue for one token and a grid of <= 2 programs per SM, else ``norm_quant`` first and int8
+input: PROLOGUE_*; residual add, gated activation or RoPE + KV append in its epilogue) and ``tgemm``
 (more tokens: the same words unpacked for tensor-core ``tl.dot``); dense ``gemv`` / ``gemm`` (the lm_head; the
 int8 head on the tensor cores at any token count); ``norm_quant``; split-KV decode attention (CUDA-core FMAs,
 16-byte vector loads of the cache) + merge; causal prefill attention; RoPE; embedding gather.
@@ -610,10 +611,12 @@ GEMV_WARPS = 8  # tiles of 8 / 16 pairs with 2 / 4 / 8 warps measured on an H200
 # with the fused prologue; an int8 input (no prologue) of <= 512 words per pair runs faster on 4 warps (H200, us:
 # qkv 3.75 -> 3.17, o 3.42 -> 3.00, gate_up 7.22 -> 6.05; down, 896 words, 6.21 -> 9.40 so it keeps 8)
 GEMV_XQ_WARPS = 4
-# More gemv programs than this per SM: each would repeat the RMSNorm + quantization prologue (they queue on the
-# SMs), so the row is quantized once by norm_quant and the gemv reads int8. H200, gate_up (432 programs, 132 SMs)
-# at one token: fused 11.0 us, norm_quant + int8 gemv 8.5 us; qkv / o / down (80-120 programs) stay fused.
+# The gemv's fused RMSNorm + quantization prologue runs in every program. With more programs than this per SM
+# (they queue on the SMs) or more tokens than PROLOGUE_MAX_TOKENS, norm_quant quantizes the rows once and the
+# gemv reads int8. H200: gate_up (432 programs, 132 SMs) at one token 11.0 -> 8.5 us; qkv / o / down (80-120
+# programs) stay fused at one token; decode steps of 2 / 4 sequences 2.33 -> 2.28 / 3.64 -> 3.39 ms.
 PROLOGUE_PROGRAMS_PER_SM = 2
+PROLOGUE_MAX_TOKENS = 1
 _DUMMY: dict = {}
 _SCRATCH: dict = {}
 
@@ -805,7 +808,8 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
     if out is None and residual:
         raise ValueError("residual=True adds into out: pass it")
     # a gemv of many programs per SM would repeat its prologue in each: quantize once first (PROLOGUE_PROGRAMS_PER_SM)
-    once = gemv and not xq and quant and w.layout.tiles > PROLOGUE_PROGRAMS_PER_SM * sm_count(dev)
+    once = gemv and not xq and quant and (m > PROLOGUE_MAX_TOKENS
+                                          or w.layout.tiles > PROLOGUE_PROGRAMS_PER_SM * sm_count(dev))
     if (once or not gemv) and not xq and (norm is not None or quant):  # one norm (+ quantization) kernel first
         xn = norm_quant(x, norm, eps, quant=quant)
         x, sx, xq, norm = (xn[0], xn[1], True, None) if quant else (xn, None, False, None)
