@@ -614,7 +614,7 @@ GEMV_XQ_WARPS = 4
 # The gemv's fused RMSNorm + quantization prologue runs in every program. With more programs than this per SM
 # (they queue on the SMs) or more tokens than PROLOGUE_MAX_TOKENS, norm_quant quantizes the rows once and the
 # gemv reads int8. H200: gate_up (432 programs, 132 SMs) at one token 11.0 -> 8.5 us; qkv / o / down (80-120
-# programs) stay fused at one token; decode steps of 2 / 4 sequences 2.33 -> 2.28 / 3.64 -> 3.39 ms.
+# programs) stay fused at one token; decode steps of 2 / 4 sequences 2.72 -> 2.26 / 4.46 -> 3.38 ms.
 PROLOGUE_PROGRAMS_PER_SM = 2
 PROLOGUE_MAX_TOKENS = 1
 _DUMMY: dict = {}
@@ -807,7 +807,7 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
         raise ValueError("glu and residual do not combine")
     if out is None and residual:
         raise ValueError("residual=True adds into out: pass it")
-    # a gemv of many programs per SM would repeat its prologue in each: quantize once first (PROLOGUE_PROGRAMS_PER_SM)
+    # a gemv of many programs per SM, or of several tokens, quantizes once first (see PROLOGUE_PROGRAMS_PER_SM)
     once = gemv and not xq and quant and (m > PROLOGUE_MAX_TOKENS
                                           or w.layout.tiles > PROLOGUE_PROGRAMS_PER_SM * sm_count(dev))
     if (once or not gemv) and not xq and (norm is not None or quant):  # one norm (+ quantization) kernel first
