@@ -273,7 +273,7 @@ def fill_cache(b, r, L, hkv, d, max_len, n):
 @pytest.mark.parametrize("T,start,hq,hkv,d", [
     (1, 0, 1, 1, 8), (1, 1000, 20, 5, 128), (1, 77, 4, 4, 64), (3, 500, 8, 2, 32),
     (37, 0, 4, 2, 64), (40, 23, 6, 3, 16), (130, 5, 2, 1, 128), (5, 3000, 4, 1, 100), (33, 0, 6, 2, 24),
-    (70, 9, 20, 5, 128)])
+    (70, 9, 20, 5, 128), (20, 70, 4, 2, 320)])
 def test_attention_matches_reference(backend, T, start, hq, hkv, d):
     r = rng()
     nc, cc = fill_cache(backend, r, 2, hkv, d, start + T + 3, start + T)

@@ -185,16 +185,20 @@ static float prim_dot_kv(const float *q, const void *k, int kvtype, int D) {
     return s;
 }
 
-/* s[i * OB_KB + j] = dot(q_i, k_j) * scale for nq queries [nq, D] and nk keys [nk, D] */
-static void prim_scores(const float *q, int nq, const void *k, int kvtype, int nk, int D, float scale, float *s) {
+/* s[i * OB_KB + j] = dot(q_i, k_j) * scale for nq queries [nq, D] and nk keys [nk, D]; tmp: D * OB_KB floats of
+ * scratch the SIMD versions may use */
+static void prim_scores(const float *q, int nq, const void *k, int kvtype, int nk, int D, float scale, float *s,
+                        float *tmp) {
+    (void)tmp;
     size_t esz = kvtype == OB_F32 ? 4 : 2;
     for (int i = 0; i < nq; i++)
         for (int j = 0; j < nk; j++)
             s[i * OB_KB + j] = prim_dot_kv(q + (size_t)i * D, (const char *)k + (size_t)j * D * esz, kvtype, D) * scale;
 }
 
-/* o[i] += sum_j p[i * OB_KB + j] * v_j */
-static void prim_pv(const float *p, int nq, const void *v, int kvtype, int nk, int D, float *o) {
+/* o[i] += sum_j p[i * OB_KB + j] * v_j (tmp: as prim_scores') */
+static void prim_pv(const float *p, int nq, const void *v, int kvtype, int nk, int D, float *o, float *tmp) {
+    (void)tmp;
     for (int i = 0; i < nq; i++)
         for (int j = 0; j < nk; j++) {
             float a = p[i * OB_KB + j];
@@ -779,6 +783,7 @@ static void attn_task(void *p, int task, int tid) {
     int k0 = ch * j->chunk, k1 = ob_min(kend, k0 + j->chunk);
     float *m = j->scr + (size_t)tid * j->scr_per_thread, *l = m + nq, *o = l + nq;
     float *qs = o + (size_t)nq * D, *s = qs + (size_t)nq * D; /* queries [nq, D], scores [nq, OB_KB] */
+    float *tmp = s + (size_t)nq * OB_KB;                         /* [D, OB_KB] for the prims */
     for (int i = 0; i < nq; i++) { /* query i = (token t0 + i / G, head hk * G + i % G) */
         memcpy(qs + (size_t)i * D, j->q + ((size_t)(t0 + i / G) * j->Hq + hk * G + i % G) * D, sizeof(float) * D);
         m[i] = -INFINITY, l[i] = 0.0f;
@@ -786,7 +791,7 @@ static void attn_task(void *p, int task, int tid) {
     memset(o, 0, sizeof(float) * (size_t)nq * D);
     for (int j0 = k0; j0 < k1; j0 += OB_KB) {
         int nk = ob_min(k1, j0 + OB_KB) - j0;
-        prim_scores(qs, nq, kb + (size_t)j0 * D * esz, j->kvtype, nk, D, j->scale, s);
+        prim_scores(qs, nq, kb + (size_t)j0 * D * esz, j->kvtype, nk, D, j->scale, s, tmp);
         for (int i = 0; i < nq; i++) {
             float *si = s + (size_t)i * OB_KB;
             int nv = ob_min(nk, j->start + t0 + i / G + 1 - j0); /* causal: keys up to the query's position */
@@ -801,7 +806,7 @@ static void attn_task(void *p, int task, int tid) {
             if (corr != 1.0f)
                 for (int d = 0; d < D; d++) o[(size_t)i * D + d] *= corr;
         }
-        prim_pv(s, nq, vb + (size_t)j0 * D * esz, j->kvtype, nk, D, o);
+        prim_pv(s, nq, vb + (size_t)j0 * D * esz, j->kvtype, nk, D, o, tmp);
     }
     for (int i = 0; i < nq; i++) {
         int t = t0 + i / G, h = hk * G + i % G;
@@ -851,7 +856,7 @@ static void OB_CAT(attention_, OB_ISA)(ob_ctx *c, const float *q, int T, int Hq,
     j.chunk = ((n + j.nch - 1) / j.nch + OB_KB - 1) / OB_KB * OB_KB;
     j.nch = (n + j.chunk - 1) / j.chunk;
     int nq = j.G * j.QB;
-    j.scr_per_thread = ((size_t)nq * (2 + 2 * D + OB_KB) + 16) & ~(size_t)15;
+    j.scr_per_thread = ((size_t)nq * (2 + 2 * D + OB_KB) + (size_t)D * OB_KB + 16) & ~(size_t)15;
     size_t part = j.nch > 1 ? (size_t)T * Hq * j.nch * (D + 2) : 0;
     float *scr = ob_scratch(c, 1, sizeof(float) * (part + j.scr_per_thread * (size_t)c->nthreads));
     j.part = scr;

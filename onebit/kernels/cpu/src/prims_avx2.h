@@ -519,10 +519,9 @@ OB_INLINE void scores_4x2(const float *q, const char *k, int kvt, size_t esz, in
 }
 
 /* Prefill (many queries per key block): the block is transposed once into kt [D][OB_KB] (float32, keys past nk
- * zero), then NQ (<= 6) queries x 16 keys per step: per input 2 key loads, NQ broadcasts, 2 NQ FMAs, no horizontal
- * sums; the scores come out as whole rows. Measured on Zen 3 (T = 512, 20 x 128 heads, 2 threads): see
- * prim_attn_blocked's comment. */
-#define OB_ATTN_TMAX 256 /* the transposed paths' largest head size (stack buffers of OB_ATTN_TMAX x OB_KB floats) */
+ * zero; the caller's scratch), then NQ (<= 6) queries x 16 keys per step: per input 2 key loads, NQ broadcasts,
+ * 2 NQ FMAs, no horizontal sums; the scores come out as whole rows. Zen 3, T = 512, 20 x 128 heads, 2 threads:
+ * attention 19-23 -> 13-17 ms (float16 cache), 24-33 -> 13-17 ms (float32) with prim_pv's blocked path. */
 
 OB_INLINE void transpose8(__m256 r[8]) {
     __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
@@ -572,10 +571,10 @@ OB_INLINE void scores_t(const float *q, const int NQ, const float *kt, int nk, i
     }
 }
 
-static void prim_scores(const float *q, int nq, const void *k, int kvt, int nk, int D, float scale, float *s) {
+static void prim_scores(const float *q, int nq, const void *k, int kvt, int nk, int D, float scale, float *s,
+                        float *kt) {
     size_t esz = kvt == 0 ? 4 : 2;
-    if (nq >= 8 && D % 8 == 0 && D <= OB_ATTN_TMAX) {
-        float kt[OB_ATTN_TMAX * OB_KB];
+    if (nq >= 8 && D % 8 == 0) {
         transpose_keys(k, kvt, esz, nk, D, kt);
         for (int i = 0; i < nq; i += 6) {
             const float *qi = q + (size_t)i * D;
@@ -656,10 +655,9 @@ OB_INLINE void pv_t(const float *p, const int NQ, const float *v, int nk, int D,
     }
 }
 
-static void prim_pv(const float *p, int nq, const void *v, int kvt, int nk, int D, float *o) {
+static void prim_pv(const float *p, int nq, const void *v, int kvt, int nk, int D, float *o, float *vf) {
     size_t esz = kvt == 0 ? 4 : 2;
-    if (nq >= 8 && D % 16 == 0 && D <= OB_ATTN_TMAX) { /* prefill: float16 values converted once per block */
-        float vf[OB_ATTN_TMAX * OB_KB];
+    if (nq >= 8 && D % 16 == 0) { /* prefill: float16 values converted once per block (into the scratch vf) */
         const float *vs = (const float *)v;
         if (kvt) {
             for (size_t i = 0; i < (size_t)nk * D; i += 8) _mm256_storeu_ps(vf + i, ld8kv(v, kvt, (int)i));
