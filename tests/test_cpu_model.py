@@ -171,3 +171,30 @@ def test_int8_lm_head_changes_logits_little():
     # with random signs this stays well under 1% of the largest logit (measured 0.3-0.5%)
     assert rel < 1.5e-2, f"int8 lm_head moved the logits by {rel:.2e} x max|logit|"
     assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("kind", ["numpy", "cpu"])
+def test_last_only_prefill_caches_every_token_and_matches_the_full_prefill(name, kind):
+    """``forward_batch(last_only=True)`` (the engine's prefill) runs the last layer's attention output, o
+    projection and MLP for each segment's last token only: the logits of those tokens are the full prefill's
+    (within the project's bars), every token's K/V is still cached, bit for bit, and decoding goes on alike."""
+    cfg = CONFIGS[name]
+    w = sixteen_bit_weights(cfg, fresh_seed())
+    model = build_model(cfg, w, NumpyBackend() if kind == "numpy" else cpu.CpuBackend(threads=2))
+    r = np.random.default_rng(fresh_seed())
+    prompts = [r.integers(0, cfg.vocab_size, n) for n in (9, 1, 23)]
+    full_caches, last_caches = [model.make_cache(40) for _ in prompts], [model.make_cache(40) for _ in prompts]
+    full = model.forward_batch(list(zip(prompts, full_caches)))
+    last = model.forward_batch(list(zip(prompts, last_caches)), last_only=True)
+    for f, l, p, fc, lc in zip(full, last, prompts, full_caches, last_caches):
+        assert f.shape == (len(p), cfg.vocab_size) and l.shape == (1, cfg.vocab_size)
+        assert np.abs(l[0] - f[-1]).max() <= BOUND[name] * np.abs(f[-1]).max()
+        assert np.argmax(l[0]) == np.argmax(f[-1])
+        assert fc.length == lc.length == len(p)
+        assert np.array_equal(np.asarray(fc.k), np.asarray(lc.k)) and np.array_equal(np.asarray(fc.v), np.asarray(lc.v))
+    nxt = [np.array([t]) for t in r.integers(0, cfg.vocab_size, len(prompts))]
+    a = model.forward_batch(list(zip(nxt, full_caches)))
+    b = model.forward_batch(list(zip(nxt, last_caches)))
+    for x, y in zip(a, b):
+        assert np.array_equal(x, y)  # the same caches and the same step: the same logits

@@ -77,10 +77,17 @@ class Segment:
     n: int
 
 
-def causal_attention(backend, cfg: ModelConfig, layer: int, q, k, v, segments: list[Segment]):
+def last_rows(segments: list[Segment]) -> np.ndarray:
+    """Row of each segment's last token in a step's [T, ...] activations."""
+    return np.cumsum([s.n for s in segments]) - 1
+
+
+def causal_attention(backend, cfg: ModelConfig, layer: int, q, k, v, segments: list[Segment],
+                     last_only: bool = False):
     """RoPE, KV append and causal GQA attention for every segment of a batched step.
 
-    q [T, Hq*D], k/v [T, Hkv*D] for T = sum of segment lengths -> [T, Hq*D].
+    q [T, Hq*D], k/v [T, Hkv*D] for T = sum of segment lengths -> [T, Hq*D]; with ``last_only`` every token's
+    K/V still goes into the caches but only each segment's last query attends: -> [segments, Hq*D].
     """
     t = sum(s.n for s in segments)
     q = q.reshape(t, cfg.num_attention_heads, cfg.head_dim)  # (tokens, heads, head_dim)
@@ -91,9 +98,12 @@ def causal_attention(backend, cfg: ModelConfig, layer: int, q, k, v, segments: l
     outs, i = [], 0
     for s in segments:
         backend.kv_append(s.cache, layer, k[i:i + s.n], v[i:i + s.n], s.start)
-        outs.append(backend.attention(q[i:i + s.n], s.cache, layer, s.start))
+        if last_only:
+            outs.append(backend.attention(q[i + s.n - 1:i + s.n], s.cache, layer, s.start + s.n - 1))
+        else:
+            outs.append(backend.attention(q[i:i + s.n], s.cache, layer, s.start))
         i += s.n
-    return backend.concat(outs).reshape(t, cfg.q_size)
+    return backend.concat(outs).reshape(len(segments) if last_only else t, cfg.q_size)
 
 
 class WeightSource:
@@ -125,8 +135,10 @@ class WeightSource:
 class CausalLM:
     """What every architecture provides: ``forward(ids, cache) -> logits`` and ``make_cache``.
 
-    Subclasses name their ``layer_class`` (callable (x, segments, layer_index) -> x); ``forward_batch`` runs several sequences' new tokens through one step, so each weight is
-    read once for all of them.
+    Subclasses name their ``layer_class`` (callable (x, segments, layer_index, last_only=False) -> x; with
+    ``last_only`` the layer returns only each segment's last row, having cached every token's K/V);
+    ``forward_batch`` runs several sequences' new tokens through one step, so each weight is read once for all
+    of them.
     """
 
     layer_class: type
@@ -170,11 +182,11 @@ class CausalLM:
                 return [logits[j:j + 1] for j in range(len(segments))]
         x = b.embed(self.embed, np.concatenate(id_blocks))
         for i, layer in enumerate(self.layers):
-            x = layer(x, segments, i)
+            # with last_only the last layer keeps only each segment's last row after its K/V are cached: its
+            # attention output, o projection and MLP for the other tokens would feed nothing
+            x = layer(x, segments, i, last_only=last_only and i == len(self.layers) - 1)
         x = self.norm(x)
         if last_only:
-            ends = np.cumsum([s.n for s in segments]) - 1
-            x = x[ends]
             spans = [(j, j + 1) for j in range(len(segments))]
         else:
             starts = np.cumsum([0] + [s.n for s in segments])

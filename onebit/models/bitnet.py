@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..config import ModelConfig
-from .base import CausalLM, FusedTernaryLinear, RMSNorm, TernaryLinear, WeightSource, causal_attention
+from .base import CausalLM, FusedTernaryLinear, RMSNorm, TernaryLinear, WeightSource, causal_attention, last_rows
 
 
 class BitNetLayer:
@@ -31,9 +31,12 @@ class BitNetLayer:
         self.ffn_sub_norm = norm("mlp.ffn_sub_norm", cfg.intermediate_size)
         self.down_proj = lin("mlp.down_proj", h, cfg.intermediate_size)
 
-    def __call__(self, x, segments, i):
+    def __call__(self, x, segments, i, last_only: bool = False):
         # each line is one backend call where the backend fuses norm -> linear -> residual / glu
-        a = causal_attention(self.backend, self.cfg, i, *self.qkv_proj(x, norm=self.input_layernorm), segments)
+        a = causal_attention(self.backend, self.cfg, i, *self.qkv_proj(x, norm=self.input_layernorm), segments,
+                             last_only)
+        if last_only:
+            x = x[last_rows(segments)]
         x = self.o_proj(a, norm=self.attn_sub_norm, residual=x)  # x + o_proj(attn_sub_norm(a))
         m = self.gate_up_proj.glu(x, "relu2", norm=self.post_attention_layernorm)  # (T, intermediate)
         return self.down_proj(m, norm=self.ffn_sub_norm, residual=x)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..config import ModelConfig
-from .base import CausalLM, FusedTernaryLinear, RMSNorm, TernaryLinear, WeightSource, causal_attention
+from .base import CausalLM, FusedTernaryLinear, RMSNorm, TernaryLinear, WeightSource, causal_attention, last_rows
 
 
 class LlamaLayer:
@@ -26,9 +26,12 @@ class LlamaLayer:
                                    ("mlp.up_proj", (cfg.intermediate_size, h))])
         self.down_proj = lin("mlp.down_proj", h, cfg.intermediate_size)
 
-    def __call__(self, x, segments, i):
+    def __call__(self, x, segments, i, last_only: bool = False):
         # each line is one backend call where the backend fuses norm -> linear -> residual / glu
-        a = causal_attention(self.backend, self.cfg, i, *self.qkv_proj(x, norm=self.input_layernorm), segments)
+        a = causal_attention(self.backend, self.cfg, i, *self.qkv_proj(x, norm=self.input_layernorm), segments,
+                             last_only)
+        if last_only:
+            x = x[last_rows(segments)]
         x = self.o_proj(a, residual=x)  # x + o_proj(a)
         m = self.gate_up_proj.glu(x, "silu", norm=self.post_attention_layernorm)  # (T, intermediate)
         return self.down_proj(m, residual=x)
