@@ -10,9 +10,9 @@ Two paths:
 - ``decode_batch`` (every sequence adds one token): at one token seven kernels per layer (q/k/v matmul with
   RMSNorm + quantization prologue and RoPE + KV-append epilogue; split-KV attention; merge; o matmul with
   sub-norm + quantization prologue and residual epilogue; norm + quantization, then the gate/up matmul on int8
-  with the gated activation; down matmul with sub-norm + quantization prologue and residual epilogue), replayed from a CUDA
-  graph captured once per (model, batch bucket). Sequences find their KV caches through a table of addresses in
-  the graph's static inputs, so any mix of sequences and lengths replays the same graph.
+  with the gated activation; down matmul with sub-norm + quantization prologue and residual epilogue),
+  replayed from a CUDA graph captured once per (model, batch bucket). Sequences find their KV caches through a
+  table of addresses in the graph's static inputs, so any mix of sequences and lengths replays the same graph.
 """
 
 from __future__ import annotations

@@ -556,7 +556,8 @@ OB_INLINE void scores_t(const float *q, const int NQ, const float *kt, int nk, i
         __m256 a[6][2];
         for (int r = 0; r < NQ; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
         for (int d = 0; d < D; d++) {
-            __m256 k0 = _mm256_loadu_ps(kt + (size_t)d * OB_KB + j), k1 = _mm256_loadu_ps(kt + (size_t)d * OB_KB + j + 8);
+            const float *kd = kt + (size_t)d * OB_KB + j;
+            __m256 k0 = _mm256_loadu_ps(kd), k1 = _mm256_loadu_ps(kd + 8);
             for (int r = 0; r < NQ; r++) {
                 __m256 qb = _mm256_broadcast_ss(q + (size_t)r * D + d);
                 a[r][0] = _mm256_fmadd_ps(qb, k0, a[r][0]);
