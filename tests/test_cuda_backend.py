@@ -58,9 +58,11 @@ def random_ternary(n: int, k: int, scales=1.0) -> TernaryWeight:
 # ---------------------------------------------------------------------------------------------- kernels
 
 @pytest.mark.parametrize("m", [1, 3, 17])
-@pytest.mark.parametrize("n,k", [(37, 333), (64, 1000), (5, 16)])
-def test_ternary_matmul_is_integer_exact(m, n, k):
+@pytest.mark.parametrize("n,k", [(37, 333), (64, 1000), (5, 16), (40, 4500)])
+@pytest.mark.parametrize("tile", [True, False])  # the gemv's whole-tile and chunked dot products
+def test_ternary_matmul_is_integer_exact(m, n, k, tile, monkeypatch):
     """Scales of 1 make the output the int32 accumulator itself: identical to the reference's."""
+    monkeypatch.setattr(K, "GEMV_TILE_WORDS", 1024 if tile else 0)
     w = random_ternary(n, k)
     xq = rng().integers(-128, 128, (m, k)).astype(np.int8)
     got = K.matmul(dev(xq), backend().prepare_ternary(w), sx=dev(np.ones(m, np.float32)))
@@ -127,11 +129,14 @@ def test_matmul_rejects_epilogues_that_do_not_combine(m):
 
 @pytest.mark.parametrize("m", [1, 4, 20])
 @pytest.mark.parametrize("first", [True, False])  # every gemv quantizes first / none does (PROLOGUE_*)
-def test_fused_prologue_and_epilogues_equal_the_separate_kernels(m, first, monkeypatch):
+@pytest.mark.parametrize("tile", [True, False])
+def test_fused_prologue_and_epilogues_equal_the_separate_kernels(m, first, tile, monkeypatch):
     """RMSNorm + quantization in the matmul's prologue (or, for gemvs of many programs, in norm_quant first),
-    residual add and gated activation in its epilogue give exactly what norm_quant + matmul + torch ops give."""
+    residual add and gated activation in its epilogue give exactly what norm_quant + matmul + torch ops give,
+    with the gemv's whole-tile dot product and the chunked one."""
     monkeypatch.setattr(K, "PROLOGUE_PROGRAMS_PER_SM", 0 if first else 1 << 30)
     monkeypatch.setattr(K, "PROLOGUE_MAX_TOKENS", 0 if first else K.GEMV_MAX_TOKENS)
+    monkeypatch.setattr(K, "GEMV_TILE_WORDS", 1024 if tile else 0)
     k, inter = 192, 333
     x = rng().standard_normal((m, k)).astype(np.float32)
     nw = dev(rng().uniform(0.5, 1.5, k).astype(np.float32))

@@ -59,6 +59,16 @@ else:
 
 
 @triton.jit
+def _after_producers(GDC: tl.constexpr):
+    """With programmatic dependent launch (GDC): wait until the previous kernel of the stream has finished and
+    its writes are visible, then let the next kernel's programs start (they wait here in turn). What a kernel
+    does before this call may only read data no kernel of the step writes (weights, scales, tables)."""
+    if GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def _row_stats(x_ptr, nw_ptr, m, K, eps, NORM: tl.constexpr, QUANT: tl.constexpr, BK: tl.constexpr):
     """For row m of x [M, K]: (den, s) with den = sqrt(mean(x^2) + eps) (1 without NORM) and the int8 scale
     s = 127 / max(|y|, 1e-5) of y = (x / den) * w (1 without QUANT), the reference's order of operations."""
@@ -119,8 +129,10 @@ def _prep_row(x_ptr, nw_ptr, q_ptr, y_ptr, m, K, eps, NORM: tl.constexpr, QUANT:
 
 @triton.jit
 def _norm_quant_kernel(x_ptr, nw_ptr, q_ptr, s_ptr, y_ptr, K, eps,
-                       NORM: tl.constexpr, QUANT: tl.constexpr, BK: tl.constexpr, ONE: tl.constexpr):
+                       NORM: tl.constexpr, QUANT: tl.constexpr, BK: tl.constexpr, ONE: tl.constexpr,
+                       GDC: tl.constexpr):
     """Row m: y = rmsnorm(x) (NORM) then, with QUANT, q = int8(y) and s; without QUANT y is stored in float."""
+    _after_producers(GDC)
     m = tl.program_id(0)
     s = _prep_row(x_ptr, nw_ptr, q_ptr, y_ptr, m, K, eps, NORM, QUANT, BK, ONE)
     if QUANT:
@@ -156,9 +168,10 @@ def _rope_store_head(lo, hi, d, head, row, pos, q_out_ptr, cos_ptr, sin_ptr, bas
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, sc_ptr, out_ptr, M, K, N, RESIDUAL: tl.constexpr, BM: tl.constexpr,
-                 BN: tl.constexpr, BKW: tl.constexpr):
+                 BN: tl.constexpr, BKW: tl.constexpr, GDC: tl.constexpr):
     """Dense rows (the 16-bit lm_head) times float32 x: out[m, n] = (x[m] . W[n]) * scale[n] (+= with RESIDUAL)
     for M <= BM tokens (int8 activations go to the tensor-core gemm)."""
+    _after_producers(GDC)
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     rmask = rows < N
     kb = tl.arange(0, BKW)
@@ -196,13 +209,103 @@ def _segment_scales(sc_ptr, g, N, ra, rb, ma, mb, sca, scb, C: tl.constexpr):
 
 
 @triton.jit
+def _tile_dot(wt, xrow, wq, gq, jq, s, sca, scb, KIN, KWT: tl.constexpr, GW: tl.constexpr, GS: tl.constexpr,
+              GLIM: tl.constexpr, MASKK: tl.constexpr):
+    """(row A, row B) outputs of a whole tile wt [KWP words, BP pairs] (int8 input row xrow, one column group):
+    word wq holds input gq * GS + s * GW + jq in slot s; 8 products per 16-bit lane, then one split."""
+    t = tl.zeros_like(wt)
+    xs = 0
+    for si in tl.static_range(8):
+        kk = si * GW + jq
+        xm = wq < KWT
+        if MASKK:
+            xm = xm & (kk < GLIM) & (gq * GS + kk < KIN)
+        x = tl.load(xrow + gq * GS + kk, mask=xm, other=0).to(tl.int32)
+        t += ((wt >> (2 * si)) & 0x00030003) * x[:, None]
+        xs += tl.sum(x, 0)
+    lo = (t << 16) >> 16  # the low lane, sign-extended; the high lane is what remains
+    ya = _mul_rn((tl.sum(lo, 0) - xs).to(tl.float32) / s, sca)
+    yb = _mul_rn((tl.sum((t - lo) >> 16, 0) - xs).to(tl.float32) / s, scb)
+    return ya, yb
+
+
+@triton.jit
+def _chunked_dot(xrow, wbase, sc_ptr, s, sca, scb, ra, rb, ma, mb, jb, pl, N, NSEG, KIN, GW: tl.constexpr,
+                 GS: tl.constexpr, GLIM: tl.constexpr, C: tl.constexpr, MASKK: tl.constexpr, INT: tl.constexpr,
+                 NCG: tl.constexpr, BP: tl.constexpr, BKW: tl.constexpr, GSP: tl.constexpr):
+    """(row A, row B) outputs of the tile at wbase for input row xrow, a chunk of [BKW words, BP pairs] at a
+    time (any column grid, int8 or float input; see _tgemv_kernel)."""
+    ia = tl.zeros([BKW, BP], dtype=tl.int32)
+    ib = tl.zeros([BKW, BP], dtype=tl.int32)
+    fa = tl.zeros([BKW, BP], dtype=tl.float32)
+    fb = tl.zeros([BKW, BP], dtype=tl.float32)
+    ca = tl.zeros([BP], dtype=tl.float32)
+    cb = tl.zeros([BP], dtype=tl.float32)
+    xs = 0
+    for g in range(NSEG):
+        t = tl.zeros([BKW, BP], dtype=tl.int32)
+        ga = tl.zeros([BKW, BP], dtype=tl.int32)
+        gb = tl.zeros([BKW, BP], dtype=tl.int32)
+        ta = tl.zeros([BKW, BP], dtype=tl.float32)
+        tb = tl.zeros([BKW, BP], dtype=tl.float32)
+        for cc in tl.static_range(NCG):
+            jj = cc * BKW + jb
+            # rows of BP words, 16-byte aligned (said, as the offsets' arithmetic hides it: 4-byte loads else)
+            w = tl.load(tl.max_contiguous(tl.multiple_of(wbase + (g * GW + jj)[:, None] * BP + pl[None, :],
+                                                         [16, 16]), [1, BP]))
+            for si in tl.static_range(8):
+                kk = si * GW + jj
+                if MASKK:
+                    x = tl.load(xrow + g * GS + kk, mask=(kk < GLIM) & (g * GS + kk < KIN), other=0)
+                else:
+                    x = tl.load(xrow + g * GS + kk)
+                if INT:
+                    t += ((w >> (2 * si)) & 0x00030003) * x.to(tl.int32)[:, None]
+                else:  # float activations: t x directly (sum(code x) - sum(x) would cancel in float32)
+                    ta += (((w >> (2 * si)) & 3) - 1).to(tl.float32) * x[:, None]
+                    tb += (((w >> (16 + 2 * si)) & 3) - 1).to(tl.float32) * x[:, None]
+            if INT:
+                if (cc % 16 == 15) or (cc == NCG - 1):
+                    lo = (t << 16) >> 16  # the low lane, sign-extended; the high lane is what remains
+                    ga += lo
+                    gb += (t - lo) >> 16
+                    t = tl.zeros([BKW, BP], dtype=tl.int32)
+        if INT:  # sum(x) of the segment, in a 1-D layout (inside the loop above x would be loaded twice)
+            kx = tl.arange(0, GSP)
+            xv = tl.load(xrow + g * GS + kx, mask=(kx < GLIM) & (g * GS + kx < KIN), other=0)
+            xsum = tl.sum(xv.to(tl.int32), 0)
+        if INT and C == 1:
+            ia += ga
+            ib += gb
+            xs += xsum
+        else:
+            sa, sb = _segment_scales(sc_ptr, g, N, ra, rb, ma, mb, sca, scb, C)
+            if INT:
+                fa += ga.to(tl.float32) * sa[None, :]
+                fb += gb.to(tl.float32) * sb[None, :]
+                ca += xsum.to(tl.float32) * sa
+                cb += xsum.to(tl.float32) * sb
+            else:
+                fa += ta * sa[None, :]
+                fb += tb * sb[None, :]
+    if INT and C == 1:
+        ya = _mul_rn((tl.sum(ia, 0) - xs).to(tl.float32) / s, sca)
+        yb = _mul_rn((tl.sum(ib, 0) - xs).to(tl.float32) / s, scb)
+    else:
+        ya = (tl.sum(fa, 0) - ca) / s
+        yb = (tl.sum(fb, 0) - cb) / s
+    return ya, yb
+
+
+@triton.jit
 def _tgemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, scq_ptr, scf_ptr, ss_ptr, M, N, NP, P, NSEG, eps,
                   # EPI_QKV: q out, RoPE tables, positions, cache tables
                   q_out_ptr, cos_ptr, sin_ptr, pos_ptr, base_ptr, maxlen_ptr, layer, HQ, HKV,
                   KIN: tl.constexpr, KWT: tl.constexpr, GW: tl.constexpr, GS: tl.constexpr, GLIM: tl.constexpr,
                   C: tl.constexpr, MASKK: tl.constexpr, XQ: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr,
                   EPI: tl.constexpr, ACT: tl.constexpr, HALF_D: tl.constexpr, KVF32: tl.constexpr,
-                  BP: tl.constexpr, BKW: tl.constexpr, BK: tl.constexpr, ONE: tl.constexpr, GSP: tl.constexpr):
+                  BP: tl.constexpr, BKW: tl.constexpr, BK: tl.constexpr, ONE: tl.constexpr, GSP: tl.constexpr,
+                  TILE: tl.constexpr, KWP: tl.constexpr, GDC: tl.constexpr):
     """Ternary GEMV for M <= GEMV_MAX_TOKENS tokens; program = one tile of BP row pairs (see ``TernaryLayout``).
 
     Prologue (x float, NORM and/or QUANT): every program normalizes and quantizes the M rows once, in a 1-D
@@ -212,6 +315,11 @@ def _tgemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, scq_ptr, scf_pt
     |code x| <= 256) fit a signed 16-bit lane, then the lanes are split into int32 accumulators. Codes are
     t + 1, so sum(t x) = sum(code x) - sum(x) (integer-exact; sum(x) per segment from a 1-D load). Column
     groups (C > 1) are scaled per segment. Float activations (no quantization) take t x in float32.
+
+    TILE (int8 products, one column group): the program's whole tile [KWT words, BP pairs] is loaded at once
+    (KWP >= KWT, a power of two) before the kernel waits for its producers (GDC), so the weight reads overlap
+    the previous kernel, and serves every token; the dot product is one pass of 8 slots (8 products per 16-bit
+    lane) and one split into rows A and B.
 
     EPI_STORE: out[m, row] = y. EPI_RESIDUAL: out[m, row] += y. EPI_GLU (pairs are (gate n, up n)):
     out[m, n] = act(gate) * up. EPI_QKV (pairs are rows d and d + HALF_D of one head): q heads are rotated
@@ -224,6 +332,16 @@ def _tgemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, scq_ptr, scf_pt
     p = pid * BP + pl
     jb = tl.arange(0, BKW)
     wbase = w_ptr + pid * (KWT * BP)  # int32 offsets: data holds < 2**31 words
+    pmask, ra, rb, ma, mb = _pair_rows(p, P, NP, N)
+    sca = tl.load(sc_ptr + ra, mask=ma, other=0.0)
+    scb = tl.load(sc_ptr + rb, mask=mb, other=0.0)
+    if TILE:
+        wq = tl.arange(0, KWP)
+        wt = tl.load(tl.max_contiguous(tl.multiple_of(wbase + wq[:, None] * BP + pl[None, :], [16, 16]), [1, BP]),
+                     mask=(wq < KWT)[:, None], other=0)
+        gq = wq // GW  # word wq: segment gq, word jq of the segment
+        jq = wq - gq * GW
+    _after_producers(GDC)
     if PREP:
         for mi in range(M):
             s_m = _prep_row(x_ptr, nw_ptr, scq_ptr, scf_ptr, mi, KIN, eps, NORM, QUANT, BK, ONE)
@@ -238,9 +356,6 @@ def _tgemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, scq_ptr, scf_pt
         xsrc = scf_ptr
     else:
         xsrc = x_ptr
-    pmask, ra, rb, ma, mb = _pair_rows(p, P, NP, N)
-    sca = tl.load(sc_ptr + ra, mask=ma, other=0.0)
-    scb = tl.load(sc_ptr + rb, mask=mb, other=0.0)
     for mi in range(M):
         s = 1.0
         if XQ:
@@ -248,65 +363,11 @@ def _tgemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, scq_ptr, scf_pt
         elif QUANT:
             s = tl.load(ss_ptr + mi)
         xrow = xsrc + mi * KIN
-        ia = tl.zeros([BKW, BP], dtype=tl.int32)
-        ib = tl.zeros([BKW, BP], dtype=tl.int32)
-        fa = tl.zeros([BKW, BP], dtype=tl.float32)
-        fb = tl.zeros([BKW, BP], dtype=tl.float32)
-        ca = tl.zeros([BP], dtype=tl.float32)
-        cb = tl.zeros([BP], dtype=tl.float32)
-        xs = 0
-        for g in range(NSEG):
-            t = tl.zeros([BKW, BP], dtype=tl.int32)
-            ga = tl.zeros([BKW, BP], dtype=tl.int32)
-            gb = tl.zeros([BKW, BP], dtype=tl.int32)
-            ta = tl.zeros([BKW, BP], dtype=tl.float32)
-            tb = tl.zeros([BKW, BP], dtype=tl.float32)
-            for cc in tl.static_range(NCG):
-                jj = cc * BKW + jb
-                # rows of BP words, 16-byte aligned (said, as the offsets' arithmetic hides it: 4-byte loads else)
-                w = tl.load(tl.max_contiguous(tl.multiple_of(wbase + (g * GW + jj)[:, None] * BP + pl[None, :],
-                                                             [16, 16]), [1, BP]))
-                for si in tl.static_range(8):
-                    kk = si * GW + jj
-                    if MASKK:
-                        x = tl.load(xrow + g * GS + kk, mask=(kk < GLIM) & (g * GS + kk < KIN), other=0)
-                    else:
-                        x = tl.load(xrow + g * GS + kk)
-                    if INT:
-                        t += ((w >> (2 * si)) & 0x00030003) * x.to(tl.int32)[:, None]
-                    else:  # float activations: t x directly (sum(code x) - sum(x) would cancel in float32)
-                        ta += (((w >> (2 * si)) & 3) - 1).to(tl.float32) * x[:, None]
-                        tb += (((w >> (16 + 2 * si)) & 3) - 1).to(tl.float32) * x[:, None]
-                if INT:
-                    if (cc % 16 == 15) or (cc == NCG - 1):
-                        lo = (t << 16) >> 16  # the low lane, sign-extended; the high lane is what remains
-                        ga += lo
-                        gb += (t - lo) >> 16
-                        t = tl.zeros([BKW, BP], dtype=tl.int32)
-            if INT:  # sum(x) of the segment, in a 1-D layout (inside the loop above x would be loaded twice)
-                kx = tl.arange(0, GSP)
-                xv = tl.load(xrow + g * GS + kx, mask=(kx < GLIM) & (g * GS + kx < KIN), other=0)
-                xsum = tl.sum(xv.to(tl.int32), 0)
-            if INT and C == 1:
-                ia += ga
-                ib += gb
-                xs += xsum
-            else:
-                sa, sb = _segment_scales(sc_ptr, g, N, ra, rb, ma, mb, sca, scb, C)
-                if INT:
-                    fa += ga.to(tl.float32) * sa[None, :]
-                    fb += gb.to(tl.float32) * sb[None, :]
-                    ca += xsum.to(tl.float32) * sa
-                    cb += xsum.to(tl.float32) * sb
-                else:
-                    fa += ta * sa[None, :]
-                    fb += tb * sb[None, :]
-        if INT and C == 1:
-            ya = _mul_rn((tl.sum(ia, 0) - xs).to(tl.float32) / s, sca)
-            yb = _mul_rn((tl.sum(ib, 0) - xs).to(tl.float32) / s, scb)
+        if TILE:
+            ya, yb = _tile_dot(wt, xrow, wq, gq, jq, s, sca, scb, KIN, KWT, GW, GS, GLIM, MASKK)
         else:
-            ya = (tl.sum(fa, 0) - ca) / s
-            yb = (tl.sum(fb, 0) - cb) / s
+            ya, yb = _chunked_dot(xrow, wbase, sc_ptr, s, sca, scb, ra, rb, ma, mb, jb, pl, N, NSEG, KIN, GW, GS,
+                                  GLIM, C, MASKK, INT, NCG, BP, BKW, GSP)
         if EPI == 0:
             tl.store(out_ptr + mi * N + ra, ya, mask=ma)
             tl.store(out_ptr + mi * N + rb, yb, mask=mb)
@@ -329,9 +390,10 @@ def _tgemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, scq_ptr, scf_pt
 def _tgemm_kernel(x_ptr, sx_ptr, w_ptr, sc_ptr, out_ptr, M, N, NP, P, NSEG,
                   KIN: tl.constexpr, KWT: tl.constexpr, GW: tl.constexpr, GS: tl.constexpr, GLIM: tl.constexpr,
                   C: tl.constexpr, PB: tl.constexpr, XQ: tl.constexpr, RESIDUAL: tl.constexpr,
-                  BM: tl.constexpr, BPG: tl.constexpr, BKW: tl.constexpr):
+                  BM: tl.constexpr, BPG: tl.constexpr, BKW: tl.constexpr, GDC: tl.constexpr):
     """Ternary tiles for many tokens on the tensor cores: int8 x int8 -> int32 (XQ) or float32 IEEE. A tile of
     BPG row pairs; each slot s of a word block [BKW, BPG] is unpacked into row A's and row B's codes."""
+    _after_producers(GDC)
     pm, pn = tl.program_id(0), tl.program_id(1)
     rm = pm * BM + tl.arange(0, BM)
     mmask = rm < M
@@ -402,9 +464,11 @@ def _tgemm_kernel(x_ptr, sx_ptr, w_ptr, sc_ptr, out_ptr, M, N, NP, P, NSEG,
 
 @triton.jit
 def _gemm_kernel(x_ptr, sx_ptr, w_ptr, sc_ptr, out_ptr, M, K, N,
-                 XQ: tl.constexpr, RESIDUAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr):
+                 XQ: tl.constexpr, RESIDUAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr,
+                 GDC: tl.constexpr):
     """Dense rows (int8 or 16-bit) for many tokens, and the int8 lm_head at any token count, on the tensor
     cores: int8 x int8 -> int32 (XQ) or float32 IEEE."""
+    _after_producers(GDC)
     pm, pn = tl.program_id(0), tl.program_id(1)
     rm = pm * BM + tl.arange(0, BM)
     rn = pn * BN + tl.arange(0, BN)
@@ -456,10 +520,11 @@ def _split_chunk(n, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
 @triton.jit
 def _decode_attn_kernel(q_ptr, base_ptr, maxlen_ptr, len_ptr, part_o_ptr, part_ml_ptr, layer, scale,
                         HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GP: tl.constexpr,
-                        SPLITS: tl.constexpr, BLOCK: tl.constexpr, KVF32: tl.constexpr):
+                        SPLITS: tl.constexpr, BLOCK: tl.constexpr, KVF32: tl.constexpr, GDC: tl.constexpr):
     """One (sequence b, kv head h, split s): the group's query heads (GP >= the group, padded) over positions
     [s * chunk, (s + 1) * chunk) of the first len[b]; partial output and (max, sum) for the merge. Scores and
     the weighted sum are float32 FMAs on CUDA cores (one query per head: no tensor-core tile to fill)."""
+    _after_producers(GDC)
     b, h, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     GROUP: tl.constexpr = HQ // HKV
     n = tl.load(len_ptr + b)
@@ -503,9 +568,10 @@ def _decode_attn_kernel(q_ptr, base_ptr, maxlen_ptr, len_ptr, part_o_ptr, part_m
 
 @triton.jit
 def _merge_kernel(part_o_ptr, part_ml_ptr, out_ptr, len_ptr, HQ: tl.constexpr, D: tl.constexpr,
-                  SPLITS: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr):
+                  SPLITS: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr, GDC: tl.constexpr):
     """Program (sequence b, query head h): log-sum-exp merge of the head's split partials -> out [D]; only the
     splits that hold positions (a short context fills a few of the graph's fixed count) are read."""
+    _after_producers(GDC)
     row0 = tl.program_id(0) * SPLITS  # rows of (b * HQ + h) * SPLITS + split
     n = tl.load(len_ptr + tl.program_id(0) // HQ)
     ss = tl.arange(0, SP)
@@ -522,9 +588,11 @@ def _merge_kernel(part_o_ptr, part_ml_ptr, out_ptr, len_ptr, HQ: tl.constexpr, D
 
 @triton.jit
 def _rope_append_kernel(qkv_ptr, q_out_ptr, cos_ptr, sin_ptr, pos_ptr, base_ptr, maxlen_ptr, layer,
-                        HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, KVF32: tl.constexpr):
+                        HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, KVF32: tl.constexpr,
+                        GDC: tl.constexpr):
     """Decode, many sequences: program (b, head) of a fused q/k/v row: RoPE q into q_out, RoPE k and copy v
     into sequence b's cache at pos[b] (the gemv's EPI_QKV epilogue, for the tensor-core path)."""
+    _after_producers(GDC)
     b, head = tl.program_id(0), tl.program_id(1)
     D: tl.constexpr = 2 * HALF
     d = tl.arange(0, HALF)
@@ -572,8 +640,9 @@ def _prefill_attn_kernel(q_ptr, k_ptr, v_ptr, out_ptr, T, start, scale, stride_k
 
 
 @triton.jit
-def _embed_kernel(table_ptr, ids_ptr, out_ptr, H, BH: tl.constexpr):
+def _embed_kernel(table_ptr, ids_ptr, out_ptr, H, BH: tl.constexpr, GDC: tl.constexpr):
     """out[t] = float32(table[ids[t]]) (the decode step's embedding gather, one launch)."""
+    _after_producers(GDC)
     t = tl.program_id(0)
     row = tl.load(ids_ptr + t)
     for h0 in range(0, H, BH):
@@ -617,6 +686,12 @@ GEMV_XQ_WARPS = 4
 # programs) stay fused at one token; decode steps of 2 / 4 sequences 2.72 -> 2.26 / 4.46 -> 3.38 ms.
 PROLOGUE_PROGRAMS_PER_SM = 2
 PROLOGUE_MAX_TOKENS = 1
+# A gemv of int8 products with one column group and at most this many words per pair (rounded up to a power of
+# two) loads its whole tile at once, before waiting for its producers (``_tgemv_kernel``'s TILE); 0: never.
+GEMV_TILE_WORDS = 1024
+# Programmatic dependent launch (CUDA, compute capability >= 9): each kernel of a step is launched while the
+# previous one runs and waits for it in ``_after_producers``. ONEBIT_PDL=0 turns it off.
+PDL = os.environ.get("ONEBIT_PDL", "1") != "0"
 _DUMMY: dict = {}
 _SCRATCH: dict = {}
 
@@ -636,6 +711,21 @@ def _scratch(device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         f = torch.zeros(GEMV_MAX_TOKENS * SCRATCH_K, dtype=torch.float32, device=device)
         _SCRATCH[key] = (f.view(torch.int8), f, torch.zeros(16, dtype=torch.float32, device=device))
     return _SCRATCH[key]
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_capable(device: str) -> bool:
+    if os.environ.get("TRITON_INTERPRET") == "1" or torch.version.hip is not None:
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _pdl(device) -> dict:
+    """Launch options: GDC (the kernels' constexpr) and, where it is on, launch_pdl."""
+    device = torch.device(device)
+    if not PDL or device.type != "cuda" or not _pdl_capable(str(device)):
+        return {"GDC": False}
+    return {"GDC": True, "launch_pdl": True}
 
 
 def _pow2(n: int) -> int:
@@ -771,11 +861,12 @@ def norm_quant(x: torch.Tensor, weight: torch.Tensor | None, eps: float, quant: 
         s = torch.empty((m,), dtype=torch.float32, device=dev)
         # the gemv's warp count: the same reduction tree, so its fused prologue gives these bits exactly
         _norm_quant_kernel[(m,)](x, weight if weight is not None else d, q, s, d, k, eps,
-                                 NORM=weight is not None, QUANT=True, BK=bk, ONE=one, num_warps=GEMV_WARPS)
+                                 NORM=weight is not None, QUANT=True, BK=bk, ONE=one, num_warps=GEMV_WARPS,
+                                 **_pdl(dev))
         return q, s
     y = torch.empty_like(x)
     _norm_quant_kernel[(m,)](x, weight, d, d, y, k, eps, NORM=True, QUANT=False, BK=bk, ONE=one,
-                             num_warps=GEMV_WARPS)
+                             num_warps=GEMV_WARPS, **_pdl(dev))
     return y
 
 
@@ -824,7 +915,8 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
         _tgemm_kernel[grid](x, sx if xq else d, w.data, w.scales, y, m, w.n, lay.np, lay.pair, lay.nseg,
                             KIN=w.k, KWT=lay.kwt, GW=lay.gw, GS=lay.gs, GLIM=lay.glim, C=w.c, PB=PAIR_TILE,
                             XQ=xq, RESIDUAL=residual, BM=bm, BPG=pairs,
-                            BKW=GEMM_WORDS if lay.gw % GEMM_WORDS == 0 else 32, num_warps=4, num_stages=2)
+                            BKW=GEMM_WORDS if lay.gw % GEMM_WORDS == 0 else 32, num_warps=4, num_stages=2,
+                            **_pdl(dev))
         return y if glu is None else _glu_torch(y, glu, out)
     if m > GEMV_MAX_TOKENS or xq:
         # int8 activations (the int8 lm_head) go to the tensor cores even for one token: nothing to unpack, and
@@ -834,13 +926,13 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
         grid = (triton.cdiv(m, bm), triton.cdiv(w.n, 64))
         _gemm_kernel[grid](x, sx if xq else d, w.data, w.scales, y, m, w.k, w.n, XQ=xq,
                            RESIDUAL=residual and glu is None, BM=bm, BN=64, BKW=256 if bm == 16 else 64,
-                           num_warps=4, num_stages=2)
+                           num_warps=4, num_stages=2, **_pdl(dev))
         return y if glu is None else _glu_torch(y, glu, out)
     if out is None:
         out = torch.empty((m, w.n), dtype=torch.float32, device=dev)
     y = out if glu is None else torch.empty((m, w.n), dtype=torch.float32, device=dev)
     _gemv_kernel[(triton.cdiv(w.n, 8),)](x, w.data, w.scales, y, m, w.k, w.n, RESIDUAL=residual and glu is None,
-                                         BM=_pow2(m), BN=8, BKW=256, num_warps=4)
+                                         BM=_pow2(m), BN=8, BKW=256, num_warps=4, **_pdl(dev))
     return y if glu is None else _glu_torch(y, glu, out)
 
 
@@ -859,6 +951,8 @@ def _ternary_gemv(x, w: Matrix, lay: TernaryLayout, m: int, xq: bool, sx, norm, 
     scq, scf, ss = _scratch(dev)
     bk, one = _prep_block(w.k)
     q = qkv or {}
+    kwp = _pow2(lay.kwt)
+    tile = (xq or quant) and w.c == 1 and kwp <= GEMV_TILE_WORDS
     _tgemv_kernel[(lay.tiles,)](
         x, sx if xq else d, norm if norm is not None else d, w.data, w.scales, out, scq, scf, ss, m, w.n, lay.np,
         lay.pair, lay.nseg, eps, q.get("q_out", d), q.get("cos", d), q.get("sin", d), q.get("pos", d),
@@ -866,7 +960,7 @@ def _ternary_gemv(x, w: Matrix, lay: TernaryLayout, m: int, xq: bool, sx, norm, 
         KIN=w.k, KWT=lay.kwt, GW=lay.gw, GS=lay.gs, GLIM=lay.glim, C=w.c, MASKK=lay.maskk, XQ=xq,
         NORM=norm is not None, QUANT=quant and not xq, EPI=epi, ACT=glu or 0, HALF_D=max(1, q.get("head_dim", 2) // 2),
         KVF32=q.get("kv_f32", False), BP=PAIR_TILE, BKW=lay.bkw, BK=bk, ONE=one, GSP=_pow2(lay.gs),
-        num_warps=GEMV_XQ_WARPS if xq and lay.kwt <= 512 else GEMV_WARPS)
+        TILE=tile, KWP=kwp, num_warps=GEMV_XQ_WARPS if xq and lay.kwt <= 512 else GEMV_WARPS, **_pdl(dev))
     return out
 
 
@@ -893,10 +987,10 @@ def decode_attention_tables(q: torch.Tensor, base: torch.Tensor, maxlen: torch.T
         scr["pml"] = torch.empty((b * hq * splits, 2), dtype=torch.float32, device=dev)
     _decode_attn_kernel[(b, hkv, splits)](q, base, maxlen, lengths, scr["po"], scr["pml"], layer, d ** -0.5,
                                           HQ=hq, HKV=hkv, D=d, GP=gp, SPLITS=splits, BLOCK=ATTN_BLOCK,
-                                          KVF32=kv_f32, num_warps=4, num_stages=1)
+                                          KVF32=kv_f32, num_warps=4, num_stages=1, **_pdl(dev))
     out = torch.empty((b, hq * d), dtype=torch.float32, device=dev)
     _merge_kernel[(b * hq,)](scr["po"], scr["pml"], out, lengths, HQ=hq, D=d, SPLITS=splits,
-                             SP=max(2, _pow2(splits)), BLOCK=ATTN_BLOCK, num_warps=2)
+                             SP=max(2, _pow2(splits)), BLOCK=ATTN_BLOCK, num_warps=2, **_pdl(dev))
     return out
 
 
@@ -904,7 +998,8 @@ def rope_append(qkv: torch.Tensor, q_out: torch.Tensor, cos, sin, pos, base, max
                 hkv: int, head_dim: int, kv_f32: bool) -> None:
     """Decode: RoPE + KV append for a fused q/k/v output [B, (Hq + 2 Hkv) * D] (see _rope_append_kernel)."""
     _rope_append_kernel[(qkv.shape[0], hq + 2 * hkv)](qkv, q_out, cos, sin, pos, base, maxlen, layer, HQ=hq,
-                                                        HKV=hkv, HALF=head_dim // 2, KVF32=kv_f32, num_warps=1)
+                                                        HKV=hkv, HALF=head_dim // 2, KVF32=kv_f32, num_warps=1,
+                                                        **_pdl(qkv.device))
 
 
 def stack_kv(k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
@@ -948,7 +1043,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 def embed(table: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out float32 [T, H] = table [V, H] (any float dtype) rows ids int64 [T]."""
-    _embed_kernel[(ids.shape[0],)](table, ids, out, table.shape[1], BH=min(1024, _pow2(table.shape[1])))
+    _embed_kernel[(ids.shape[0],)](table, ids, out, table.shape[1], BH=min(1024, _pow2(table.shape[1])),
+                                   **_pdl(out.device))
     return out
 
 
