@@ -11,8 +11,9 @@ Two paths:
   RMSNorm + quantization prologue and RoPE + KV-append epilogue; split-KV attention; merge; o matmul with
   sub-norm + quantization prologue and residual epilogue; norm + quantization, then the gate/up matmul on int8
   with the gated activation; down matmul with sub-norm + quantization prologue and residual epilogue),
-  replayed from a CUDA graph captured once per (model, batch bucket). Sequences find their KV caches through a
-  table of addresses in the graph's static inputs, so any mix of sequences and lengths replays the same graph.
+  replayed from a CUDA graph captured once per (model, batch bucket), each kernel launched while the previous
+  one runs (programmatic dependent launch, ``kernels.PDL``). Sequences find their KV caches through a table of
+  addresses in the graph's static inputs, so any mix of sequences and lengths replays the same graph.
 """
 
 from __future__ import annotations

@@ -17,7 +17,9 @@ program in its prologue for one token and a grid of <= 2 programs per SM, else `
 input: PROLOGUE_*; residual add, gated activation or RoPE + KV append in its epilogue) and ``tgemm``
 (more tokens: the same words unpacked for tensor-core ``tl.dot``); dense ``gemv`` / ``gemm`` (the lm_head; the
 int8 head on the tensor cores at any token count); ``norm_quant``; split-KV decode attention (CUDA-core FMAs,
-16-byte vector loads of the cache) + merge; causal prefill attention; RoPE; embedding gather.
+16-byte vector loads of the cache) + merge; causal prefill attention; RoPE; embedding gather. Every kernel takes a
+GDC flag: launched with programmatic dependent launch (``PDL``), it waits for its producer in
+``_after_producers``, and what it does before that (the gemv: its whole weight tile) reads no kernel's output.
 """
 
 from __future__ import annotations
