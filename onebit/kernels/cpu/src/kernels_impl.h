@@ -807,16 +807,14 @@ static void attn_task(void *p, int task, int tid) {
     }
     memset(o, 0, sizeof(float) * (size_t)nq * D);
     const size_t row = (size_t)D * esz;
+    const int sub = nq < OB_ATTN_PF_NQ ? OB_ATTN_PF_SUB : OB_KB; /* decode: sub-blocks that prefetch, see above */
     for (int j0 = k0; j0 < k1; j0 += OB_KB) {
         int nk = ob_min(k1, j0 + OB_KB) - j0;
-        if (nq < OB_ATTN_PF_NQ) /* decode: see OB_ATTN_PF_SUB */
-            for (int a = 0; a < nk; a += OB_ATTN_PF_SUB) {
-                int b = ob_min(nk, a + OB_ATTN_PF_SUB);
-                prefetch_bytes(vb + (size_t)(j0 + a) * row, (size_t)(b - a) * row);
-                prim_scores(qs, nq, kb + (size_t)(j0 + a) * row, j->kvtype, b - a, D, j->scale, s + a, tmp);
-            }
-        else
-            prim_scores(qs, nq, kb + (size_t)j0 * D * esz, j->kvtype, nk, D, j->scale, s, tmp);
+        for (int a = 0; a < nk; a += sub) {
+            int b = ob_min(nk, a + sub);
+            if (sub < OB_KB) prefetch_bytes(vb + (size_t)(j0 + a) * row, (size_t)(b - a) * row);
+            prim_scores(qs, nq, kb + (size_t)(j0 + a) * row, j->kvtype, b - a, D, j->scale, s + a, tmp);
+        }
         for (int i = 0; i < nq; i++) {
             float *si = s + (size_t)i * OB_KB;
             int nv = ob_min(nk, j->start + t0 + i / G + 1 - j0); /* causal: keys up to the query's position */
@@ -831,15 +829,12 @@ static void attn_task(void *p, int task, int tid) {
             if (corr != 1.0f)
                 for (int d = 0; d < D; d++) o[(size_t)i * D + d] *= corr;
         }
-        if (nq < OB_ATTN_PF_NQ) {
-            int n2 = ob_min(k1, j0 + 2 * OB_KB) - j0 - OB_KB;
-            for (int a = 0; a < nk; a += OB_ATTN_PF_SUB) {
-                int b = ob_min(nk, a + OB_ATTN_PF_SUB);
-                if (a < n2) prefetch_bytes(kb + (size_t)(j0 + OB_KB + a) * row, (size_t)(ob_min(b, n2) - a) * row);
-                prim_pv(s + a, nq, vb + (size_t)(j0 + a) * row, j->kvtype, b - a, D, o, tmp);
-            }
-        } else
-            prim_pv(s, nq, vb + (size_t)j0 * D * esz, j->kvtype, nk, D, o, tmp);
+        int n2 = sub < OB_KB ? ob_min(k1, j0 + 2 * OB_KB) - j0 - OB_KB : 0; /* the next block's keys to ask for */
+        for (int a = 0; a < nk; a += sub) {
+            int b = ob_min(nk, a + sub);
+            if (a < n2) prefetch_bytes(kb + (size_t)(j0 + OB_KB + a) * row, (size_t)(ob_min(b, n2) - a) * row);
+            prim_pv(s + a, nq, vb + (size_t)(j0 + a) * row, j->kvtype, b - a, D, o, tmp);
+        }
     }
     for (int i = 0; i < nq; i++) {
         int t = t0 + i / G, h = hk * G + i % G;

@@ -760,10 +760,7 @@ static float prim_softmax_step(float *s, int nv, int nk, float m, float *sum) {
         j += 8;
     }
     for (; j < nk; j++) s[j] = 0.0f;
-    __m128 a = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
-    a = _mm_add_ss(a, _mm_shuffle_ps(a, a, 1));
-    *sum = _mm_cvtss_f32(a);
+    *sum = hsum_ps(acc);
     return mx;
 }
 
