@@ -387,8 +387,9 @@ class DecodeStep:
         pos, lengths, maxlen = self.i32[0], self.i32[1], self.i32[2]
         x = self.x
         K.embed(net.embed.table, self.ids, x)
+        # early: positions, lengths and cache tables come with the step's one host-to-device copy, before any kernel
         qkv = dict(q_out=self.q, cos=self.cos, sin=self.sin, pos=pos, base=self.base, maxlen=maxlen,
-                   hq=self.hq, hkv=self.hkv, head_dim=self.d, kv_f32=self.kv_f32)
+                   hq=self.hq, hkv=self.hkv, head_dim=self.d, kv_f32=self.kv_f32, early=True)
         q3 = self.q.view(self.bucket, self.hq, self.d)
         fused_qkv = self.bucket <= K.GEMV_MAX_TOKENS  # RoPE + KV append in the gemv epilogue
         for i, p in enumerate(self.plans):
@@ -399,7 +400,7 @@ class DecodeStep:
                 K.rope_append(y, self.q, self.cos, self.sin, pos, self.base, maxlen, i, self.hq, self.hkv, self.d,
                               self.kv_f32)
             a = K.decode_attention_tables(q3, self.base, maxlen, lengths, i, self.hkv, self.splits,
-                                          scratch=self.scratch, kv_f32=self.kv_f32)
+                                          scratch=self.scratch, kv_f32=self.kv_f32, early=True)
             K.matmul(a, p.o, norm=p.attn_sub_norm, eps=eps, quant=self.act8, out=x, residual=True)
             m = K.matmul(x, p.gate_up, norm=p.post_norm, eps=eps, quant=self.act8, glu=p.act)
             K.matmul(m, p.down, norm=p.ffn_sub_norm, eps=eps, quant=self.act8, out=x, residual=True)

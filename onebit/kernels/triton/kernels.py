@@ -19,7 +19,8 @@ input: PROLOGUE_*; residual add, gated activation or RoPE + KV append in its epi
 int8 head on the tensor cores at any token count); ``norm_quant``; split-KV decode attention (CUDA-core FMAs,
 16-byte vector loads of the cache) + merge; causal prefill attention; RoPE; embedding gather. Every kernel takes a
 GDC flag: launched with programmatic dependent launch (``PDL``), it waits for its producer in
-``_after_producers``, and what it does before that (the gemv: its whole weight tile) reads no kernel's output.
+``_after_producers``, and what it does before that (the gemv: its whole weight tile and norm weight; with
+EARLY, the decode step's position / length / cache tables: ``EARLY_TABLES``) reads no kernel's output.
 """
 
 from __future__ import annotations
@@ -96,10 +97,23 @@ def _row_stats(x_ptr, nw_ptr, m, K, eps, NORM: tl.constexpr, QUANT: tl.constexpr
 
 
 @triton.jit
-def _prep_row(x_ptr, nw_ptr, q_ptr, y_ptr, m, K, eps, NORM: tl.constexpr, QUANT: tl.constexpr, BK: tl.constexpr,
-              ONE: tl.constexpr):
+def _norm_weight(nw_ptr, K, NORM: tl.constexpr, BK: tl.constexpr, ONE: tl.constexpr):
+    """The RMSNorm weight of a one-block row, loaded ahead (weights are no kernel's output: a kernel reads it
+    before it waits for its producers); zeros where _prep_row reads it block by block."""
+    offs = tl.arange(0, BK)
+    if NORM and ONE:
+        nwv = tl.load(nw_ptr + offs, mask=offs < K, other=0.0)
+    else:
+        nwv = tl.zeros([BK], dtype=tl.float32)
+    return nwv
+
+
+@triton.jit
+def _prep_row(x_ptr, nw_ptr, nwv, q_ptr, y_ptr, m, K, eps, NORM: tl.constexpr, QUANT: tl.constexpr,
+              BK: tl.constexpr, ONE: tl.constexpr):
     """Row m of x [M, K]: y = rmsnorm(x) (NORM), then with QUANT q = int8(y) into q_ptr [M, K] (returns s),
-    without it y into y_ptr. ONE: the row is one BK block (read once, kept in registers); else three passes."""
+    without it y into y_ptr. ONE: the row is one BK block (read once, kept in registers; nwv is the norm weight
+    from _norm_weight); else three passes."""
     offs = tl.arange(0, BK)
     s = 1.0
     if ONE:
@@ -107,7 +121,7 @@ def _prep_row(x_ptr, nw_ptr, q_ptr, y_ptr, m, K, eps, NORM: tl.constexpr, QUANT:
         y = tl.load(x_ptr + m * K + offs, mask=mask, other=0.0)
         if NORM:
             rstd = tl.sqrt_rn(tl.sum(y * y, 0) / K + eps)
-            y = (y / rstd) * tl.load(nw_ptr + offs, mask=mask, other=0.0)
+            y = (y / rstd) * nwv
         if QUANT:
             s = 127.0 / tl.maximum(tl.max(tl.abs(y), 0), 1e-5)
             q = tl.minimum(tl.maximum(_round_half_even(y * s), -128.0), 127.0)
@@ -134,33 +148,56 @@ def _norm_quant_kernel(x_ptr, nw_ptr, q_ptr, s_ptr, y_ptr, K, eps,
                        NORM: tl.constexpr, QUANT: tl.constexpr, BK: tl.constexpr, ONE: tl.constexpr,
                        GDC: tl.constexpr):
     """Row m: y = rmsnorm(x) (NORM) then, with QUANT, q = int8(y) and s; without QUANT y is stored in float."""
+    nwv = _norm_weight(nw_ptr, K, NORM, BK, ONE)
     _after_producers(GDC)
     m = tl.program_id(0)
-    s = _prep_row(x_ptr, nw_ptr, q_ptr, y_ptr, m, K, eps, NORM, QUANT, BK, ONE)
+    s = _prep_row(x_ptr, nw_ptr, nwv, q_ptr, y_ptr, m, K, eps, NORM, QUANT, BK, ONE)
     if QUANT:
         tl.store(s_ptr + m, s)
 
 
 @triton.jit
-def _rope_store_head(lo, hi, d, head, row, pos, q_out_ptr, cos_ptr, sin_ptr, base_ptr, maxlen_ptr, layer, HQ, HKV,
-                     HALF: tl.constexpr, KVF32: tl.constexpr):
-    """Halves lo, hi [HALF] (offsets d) of head ``head`` of a fused q/k/v row of sequence ``row`` at ``pos``:
-    q heads are rotated into q_out [rows, HQ, 2 HALF]; k heads rotated and v heads copied into the sequence's
-    cache [L, 2, max_len, HKV, 2 HALF], found through base_ptr / maxlen_ptr."""
+def _rotate(lo, hi, c, sn):
+    """RoPE of halves (lo, hi): (lo c - hi sn, hi c + lo sn), each product rounded before the sum as the
+    reference rounds it (not contracted into an FMA, whose choice would follow the compiler's code layout)."""
+    return _mul_rn(lo, c) - _mul_rn(hi, sn), _mul_rn(hi, c) + _mul_rn(lo, sn)
+
+
+@triton.jit
+def _rope_tables(head, row, pos_ptr, cos_ptr, sin_ptr, base_ptr, maxlen_ptr, d, HQ, HKV, HALF: tl.constexpr):
+    """What head ``head`` of sequence ``row`` needs from the step's tables to store its elements d: (pos, cos,
+    sin, cache address as int64, cache size); cos / sin are 1 / 0 for v heads, the cache entries 0 for q heads."""
+    pos = tl.load(pos_ptr + row)
+    sn = tl.zeros_like(d).to(tl.float32)
+    c = sn + 1.0
     if head < HQ + HKV:
         c = tl.load(cos_ptr + pos * HALF + d)
         sn = tl.load(sin_ptr + pos * HALF + d)
-        lo, hi = lo * c - hi * sn, hi * c + lo * sn
+    base = tl.zeros([], dtype=tl.int64)
+    maxlen = tl.zeros([], dtype=tl.int64)
+    if head >= HQ:
+        base = tl.load(base_ptr + row)
+        maxlen = tl.load(maxlen_ptr + row).to(tl.int64)
+    return pos, c, sn, base, maxlen
+
+
+@triton.jit
+def _rope_store_head(lo, hi, d, head, row, pos, c, sn, base_i, maxlen, q_out_ptr, layer, HQ, HKV,
+                     HALF: tl.constexpr, KVF32: tl.constexpr):
+    """Halves lo, hi [HALF] (offsets d) of head ``head`` of a fused q/k/v row of sequence ``row``, with its
+    ``_rope_tables``: q heads are rotated into q_out [rows, HQ, 2 HALF]; k heads rotated and v heads copied into
+    the sequence's cache [L, 2, max_len, HKV, 2 HALF]."""
+    if head < HQ + HKV:
+        lo, hi = _rotate(lo, hi, c, sn)
     if head < HQ:
         qo = q_out_ptr + (row * HQ + head) * 2 * HALF + d
         tl.store(qo, lo)
         tl.store(qo + HALF, hi)
     else:
         if KVF32:
-            base = tl.load(base_ptr + row).to(tl.pointer_type(tl.float32))
+            base = base_i.to(tl.pointer_type(tl.float32))
         else:
-            base = tl.load(base_ptr + row).to(tl.pointer_type(tl.float16))
-        maxlen = tl.load(maxlen_ptr + row).to(tl.int64)
+            base = base_i.to(tl.pointer_type(tl.float16))
         kv = (head >= HQ + HKV).to(tl.int64)
         h = head - HQ - kv * HKV
         off = ((layer * 2 + kv) * maxlen + pos) * HKV * 2 * HALF + h * 2 * HALF + d
@@ -211,12 +248,19 @@ def _segment_scales(sc_ptr, g, N, ra, rb, ma, mb, sca, scb, C: tl.constexpr):
 
 
 @triton.jit
+def _add2(a0, b0, a1, b1):
+    return a0 + a1, b0 + b1
+
+
+@triton.jit
 def _tile_dot(wt, xrow, wq, gq, jq, s, sca, scb, KIN, KWT: tl.constexpr, GW: tl.constexpr, GS: tl.constexpr,
               GLIM: tl.constexpr, MASKK: tl.constexpr):
     """(row A, row B) outputs of a whole tile wt [KWP words, BP pairs] (int8 input row xrow, one column group):
-    word wq holds input gq * GS + s * GW + jq in slot s; 8 products per 16-bit lane, then one split."""
+    word wq holds input gq * GS + s * GW + jq in slot s; 8 products per 16-bit lane, then one split. sum(x) is
+    kept per word (xw) and subtracted before the one reduction over words that gives both rows: every
+    reduction crosses warps, and one per slot for sum(x) cost ~7% of a decode step (H100)."""
     t = tl.zeros_like(wt)
-    xs = 0
+    xw = tl.zeros_like(wq)
     for si in tl.static_range(8):
         kk = si * GW + jq
         xm = wq < KWT
@@ -224,10 +268,11 @@ def _tile_dot(wt, xrow, wq, gq, jq, s, sca, scb, KIN, KWT: tl.constexpr, GW: tl.
             xm = xm & (kk < GLIM) & (gq * GS + kk < KIN)
         x = tl.load(xrow + gq * GS + kk, mask=xm, other=0).to(tl.int32)
         t += ((wt >> (2 * si)) & 0x00030003) * x[:, None]
-        xs += tl.sum(x, 0)
+        xw += x
     lo = (t << 16) >> 16  # the low lane, sign-extended; the high lane is what remains
-    ya = _mul_rn((tl.sum(lo, 0) - xs).to(tl.float32) / s, sca)
-    yb = _mul_rn((tl.sum((t - lo) >> 16, 0) - xs).to(tl.float32) / s, scb)
+    ia, ib = tl.reduce((lo - xw[:, None], ((t - lo) >> 16) - xw[:, None]), 0, _add2)
+    ya = _mul_rn(ia.to(tl.float32) / s, sca)
+    yb = _mul_rn(ib.to(tl.float32) / s, scb)
     return ya, yb
 
 
@@ -307,7 +352,7 @@ def _tgemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, scq_ptr, scf_pt
                   C: tl.constexpr, MASKK: tl.constexpr, XQ: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr,
                   EPI: tl.constexpr, ACT: tl.constexpr, HALF_D: tl.constexpr, KVF32: tl.constexpr,
                   BP: tl.constexpr, BKW: tl.constexpr, BK: tl.constexpr, ONE: tl.constexpr, GSP: tl.constexpr,
-                  TILE: tl.constexpr, KWP: tl.constexpr, GDC: tl.constexpr):
+                  TILE: tl.constexpr, KWP: tl.constexpr, EARLY: tl.constexpr, GDC: tl.constexpr):
     """Ternary GEMV for M <= GEMV_MAX_TOKENS tokens; program = one tile of BP row pairs (see ``TernaryLayout``).
 
     Prologue (x float, NORM and/or QUANT): every program normalizes and quantizes the M rows once, in a 1-D
@@ -325,7 +370,10 @@ def _tgemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, scq_ptr, scf_pt
 
     EPI_STORE: out[m, row] = y. EPI_RESIDUAL: out[m, row] += y. EPI_GLU (pairs are (gate n, up n)):
     out[m, n] = act(gate) * up. EPI_QKV (pairs are rows d and d + HALF_D of one head): q heads are rotated
-    (RoPE at pos[m]) into q_out, k heads rotated and v heads copied into each sequence's cache."""
+    (RoPE at pos[m]) into q_out, k heads rotated and v heads copied into each sequence's cache. EARLY (the
+    decode step's tables were written before its first kernel): the first token's positions, RoPE rows and
+    cache entries are read before the wait. The norm weight is read before it always, the first token's
+    residual row right after it, so neither load waits behind the dot product."""
     INT: tl.constexpr = XQ or QUANT
     PREP: tl.constexpr = (not XQ) and (NORM or QUANT)
     NCG: tl.constexpr = GW // BKW
@@ -343,10 +391,20 @@ def _tgemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, scq_ptr, scf_pt
                      mask=(wq < KWT)[:, None], other=0)
         gq = wq // GW  # word wq: segment gq, word jq of the segment
         jq = wq - gq * GW
+    nwv = _norm_weight(nw_ptr, KIN, NORM and PREP, BK, ONE)
+    if EPI == 3:
+        head = (pid * BP) // HALF_D
+        d_h = p % HALF_D
+        if EARLY:
+            t_pos, t_c, t_s, t_base, t_len = _rope_tables(head, 0, pos_ptr, cos_ptr, sin_ptr, base_ptr, maxlen_ptr,
+                                                          d_h, HQ, HKV, HALF_D)
     _after_producers(GDC)
+    if EPI == 1:  # the first token's residual row, now that its producer has finished
+        old_a = tl.load(out_ptr + ra, mask=ma, other=0.0)
+        old_b = tl.load(out_ptr + rb, mask=mb, other=0.0)
     if PREP:
         for mi in range(M):
-            s_m = _prep_row(x_ptr, nw_ptr, scq_ptr, scf_ptr, mi, KIN, eps, NORM, QUANT, BK, ONE)
+            s_m = _prep_row(x_ptr, nw_ptr, nwv, scq_ptr, scf_ptr, mi, KIN, eps, NORM, QUANT, BK, ONE)
             if QUANT:
                 tl.store(ss_ptr + mi, s_m)
         tl.debug_barrier()  # the scratch rows written above are read below by other threads of this program
@@ -374,8 +432,11 @@ def _tgemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, scq_ptr, scf_pt
             tl.store(out_ptr + mi * N + ra, ya, mask=ma)
             tl.store(out_ptr + mi * N + rb, yb, mask=mb)
         elif EPI == 1:
-            tl.store(out_ptr + mi * N + ra, tl.load(out_ptr + mi * N + ra, mask=ma, other=0.0) + ya, mask=ma)
-            tl.store(out_ptr + mi * N + rb, tl.load(out_ptr + mi * N + rb, mask=mb, other=0.0) + yb, mask=mb)
+            if mi > 0:
+                old_a = tl.load(out_ptr + mi * N + ra, mask=ma, other=0.0)
+                old_b = tl.load(out_ptr + mi * N + rb, mask=mb, other=0.0)
+            tl.store(out_ptr + mi * N + ra, old_a + ya, mask=ma)
+            tl.store(out_ptr + mi * N + rb, old_b + yb, mask=mb)
         elif EPI == 2:
             if ACT == 0:
                 gg = tl.maximum(ya, 0.0)
@@ -384,8 +445,15 @@ def _tgemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, scq_ptr, scf_pt
                 a = ya / (1.0 + tl.exp(-ya))
             tl.store(out_ptr + mi * P + p, a * yb, mask=pmask)
         else:
-            _rope_store_head(ya, yb, p % HALF_D, (pid * BP) // HALF_D, mi, tl.load(pos_ptr + mi), q_out_ptr, cos_ptr,
-                             sin_ptr, base_ptr, maxlen_ptr, layer, HQ, HKV, HALF_D, KVF32)
+            if EARLY:
+                if mi > 0:
+                    t_pos, t_c, t_s, t_base, t_len = _rope_tables(head, mi, pos_ptr, cos_ptr, sin_ptr, base_ptr,
+                                                                  maxlen_ptr, d_h, HQ, HKV, HALF_D)
+            else:
+                t_pos, t_c, t_s, t_base, t_len = _rope_tables(head, mi, pos_ptr, cos_ptr, sin_ptr, base_ptr,
+                                                              maxlen_ptr, d_h, HQ, HKV, HALF_D)
+            _rope_store_head(ya, yb, d_h, head, mi, t_pos, t_c, t_s, t_base, t_len, q_out_ptr, layer, HQ, HKV,
+                             HALF_D, KVF32)
 
 
 @triton.jit
@@ -522,11 +590,15 @@ def _split_chunk(n, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
 @triton.jit
 def _decode_attn_kernel(q_ptr, base_ptr, maxlen_ptr, len_ptr, part_o_ptr, part_ml_ptr, layer, scale,
                         HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GP: tl.constexpr,
-                        SPLITS: tl.constexpr, BLOCK: tl.constexpr, KVF32: tl.constexpr, GDC: tl.constexpr):
+                        SPLITS: tl.constexpr, BLOCK: tl.constexpr, KVF32: tl.constexpr, EARLY: tl.constexpr,
+                        GDC: tl.constexpr):
     """One (sequence b, kv head h, split s): the group's query heads (GP >= the group, padded) over positions
     [s * chunk, (s + 1) * chunk) of the first len[b]; partial output and (max, sum) for the merge. Scores and
-    the weighted sum are float32 FMAs on CUDA cores (one query per head: no tensor-core tile to fill)."""
-    _after_producers(GDC)
+    the weighted sum are float32 FMAs on CUDA cores (one query per head: no tensor-core tile to fill). EARLY
+    (the decode step's tables were written before its first kernel): lengths and cache addresses are read, and
+    splits past the context leave, before the wait for the producer of q and the newest K/V row."""
+    if not EARLY:
+        _after_producers(GDC)
     b, h, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     GROUP: tl.constexpr = HQ // HKV
     n = tl.load(len_ptr + b)
@@ -542,6 +614,8 @@ def _decode_attn_kernel(q_ptr, base_ptr, maxlen_ptr, len_ptr, part_o_ptr, part_m
     maxlen = tl.load(maxlen_ptr + b).to(tl.int64)
     k_base = base + (layer * 2 * maxlen) * HKV * D + h * D
     v_base = k_base + maxlen * HKV * D
+    if EARLY:
+        _after_producers(GDC)
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
     qmask = g[:, None] < GROUP
@@ -570,12 +644,17 @@ def _decode_attn_kernel(q_ptr, base_ptr, maxlen_ptr, len_ptr, part_o_ptr, part_m
 
 @triton.jit
 def _merge_kernel(part_o_ptr, part_ml_ptr, out_ptr, len_ptr, HQ: tl.constexpr, D: tl.constexpr,
-                  SPLITS: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr, GDC: tl.constexpr):
+                  SPLITS: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr, EARLY: tl.constexpr,
+                  GDC: tl.constexpr):
     """Program (sequence b, query head h): log-sum-exp merge of the head's split partials -> out [D]; only the
-    splits that hold positions (a short context fills a few of the graph's fixed count) are read."""
-    _after_producers(GDC)
+    splits that hold positions (a short context fills a few of the graph's fixed count) are read. EARLY: the
+    length is read before the wait (see _decode_attn_kernel)."""
+    if not EARLY:
+        _after_producers(GDC)
     row0 = tl.program_id(0) * SPLITS  # rows of (b * HQ + h) * SPLITS + split
     n = tl.load(len_ptr + tl.program_id(0) // HQ)
+    if EARLY:
+        _after_producers(GDC)
     ss = tl.arange(0, SP)
     d = tl.arange(0, D)
     smask = ss * _split_chunk(n, SPLITS, BLOCK) < n
@@ -601,8 +680,9 @@ def _rope_append_kernel(qkv_ptr, q_out_ptr, cos_ptr, sin_ptr, pos_ptr, base_ptr,
     src = qkv_ptr + (b * (HQ + 2 * HKV) + head) * D + d
     lo = tl.load(src)
     hi = tl.load(src + HALF)
-    _rope_store_head(lo, hi, d, head, b, tl.load(pos_ptr + b), q_out_ptr, cos_ptr, sin_ptr, base_ptr, maxlen_ptr,
-                     layer, HQ, HKV, HALF, KVF32)
+    pos, c, sn, base, maxlen = _rope_tables(head, b, pos_ptr, cos_ptr, sin_ptr, base_ptr, maxlen_ptr, d, HQ, HKV,
+                                            HALF)
+    _rope_store_head(lo, hi, d, head, b, pos, c, sn, base, maxlen, q_out_ptr, layer, HQ, HKV, HALF, KVF32)
 
 
 @triton.jit
@@ -666,8 +746,9 @@ def _rope_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, H, HALF: tl.constexp
     base = (t * H + h[:, None]) * 2 * HALF + d[None, :]
     lo = tl.load(x_ptr + base, mask=mask, other=0.0)
     hi = tl.load(x_ptr + base + HALF, mask=mask, other=0.0)
-    tl.store(out_ptr + base, lo * c - hi * s, mask=mask)
-    tl.store(out_ptr + base + HALF, hi * c + lo * s, mask=mask)
+    lo, hi = _rotate(lo, hi, c, s)
+    tl.store(out_ptr + base, lo, mask=mask)
+    tl.store(out_ptr + base + HALF, hi, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -694,6 +775,11 @@ GEMV_TILE_WORDS = 1024
 # Programmatic dependent launch (CUDA, compute capability >= 9): each kernel of a step is launched while the
 # previous one runs and waits for it in ``_after_producers``. ONEBIT_PDL=0 turns it off.
 PDL = os.environ.get("ONEBIT_PDL", "1") != "0"
+# Tables a decode step's kernels look up (positions, lengths, cache addresses and sizes, RoPE rows) are written
+# before its first kernel (one host-to-device copy), never by a kernel of the step. With PDL a kernel starts only
+# once the kernel two before it has finished, so callers that say so (``early``) let kernels read them before
+# they wait for their producer: the lookups leave the chain of dependent loads that follows the wait.
+EARLY_TABLES = True
 _DUMMY: dict = {}
 _SCRATCH: dict = {}
 
@@ -887,7 +973,8 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
     ``norm``: RMSNorm x first (its weight); ``quant``: then quantize per token to int8 (fused into the ternary
     gemv's prologue for up to GEMV_MAX_TOKENS tokens, its own kernel otherwise). ``residual``: add into ``out``
     in place. ``glu``: ACT_RELU2 / ACT_SILU of W's two row halves (gate, up) -> [M, N/2]. ``qkv``: RoPE + KV
-    append epilogue (decode, ternary, pairs of half a head: ``Matrix.repair``; see ``_tgemv_kernel``)."""
+    append epilogue (decode, ternary, pairs of half a head: ``Matrix.repair``; see ``_tgemv_kernel``; its key
+    ``early``: the tables may be read before the wait, as in ``decode_attention_tables``)."""
     m = x.shape[0]
     dev = x.device
     d = _dummy(dev)
@@ -962,7 +1049,8 @@ def _ternary_gemv(x, w: Matrix, lay: TernaryLayout, m: int, xq: bool, sx, norm, 
         KIN=w.k, KWT=lay.kwt, GW=lay.gw, GS=lay.gs, GLIM=lay.glim, C=w.c, MASKK=lay.maskk, XQ=xq,
         NORM=norm is not None, QUANT=quant and not xq, EPI=epi, ACT=glu or 0, HALF_D=max(1, q.get("head_dim", 2) // 2),
         KVF32=q.get("kv_f32", False), BP=PAIR_TILE, BKW=lay.bkw, BK=bk, ONE=one, GSP=_pow2(lay.gs),
-        TILE=tile, KWP=kwp, num_warps=GEMV_XQ_WARPS if xq and lay.kwt <= 512 else GEMV_WARPS, **_pdl(dev))
+        TILE=tile, KWP=kwp, EARLY=bool(q.get("early")) and EARLY_TABLES,
+        num_warps=GEMV_XQ_WARPS if xq and lay.kwt <= 512 else GEMV_WARPS, **_pdl(dev))
     return out
 
 
@@ -975,11 +1063,14 @@ def choose_splits(batch: int, hkv: int, max_ctx: int, sms: int) -> int:
 
 def decode_attention_tables(q: torch.Tensor, base: torch.Tensor, maxlen: torch.Tensor, lengths: torch.Tensor,
                             layer: int, hkv: int, splits: int, *, scratch: dict | None = None,
-                            kv_f32: bool = False) -> torch.Tensor:
+                            kv_f32: bool = False, early: bool = False) -> torch.Tensor:
     """Split-KV decode attention for B sequences (one query token each) whose caches are found through
     ``base`` (int64 addresses of [L, 2, max_len, Hkv, D] caches), ``maxlen`` and ``lengths`` (int32).
     q float32 [B, Hq, D] (already rotated) -> float32 [B, Hq * D]: the split kernel writes each split's
-    partial output and (max, sum), the merge kernel combines them with log-sum-exp."""
+    partial output and (max, sum), the merge kernel combines them with log-sum-exp. ``early``: the tables were
+    written before the previous kernel started (the decode step's inputs), so the kernels read them before they
+    wait for it (see EARLY_TABLES)."""
+    early = early and EARLY_TABLES
     b, hq, d = q.shape
     dev = q.device
     gp = max(2, _pow2(hq // hkv))
@@ -989,10 +1080,10 @@ def decode_attention_tables(q: torch.Tensor, base: torch.Tensor, maxlen: torch.T
         scr["pml"] = torch.empty((b * hq * splits, 2), dtype=torch.float32, device=dev)
     _decode_attn_kernel[(b, hkv, splits)](q, base, maxlen, lengths, scr["po"], scr["pml"], layer, d ** -0.5,
                                           HQ=hq, HKV=hkv, D=d, GP=gp, SPLITS=splits, BLOCK=ATTN_BLOCK,
-                                          KVF32=kv_f32, num_warps=4, num_stages=1, **_pdl(dev))
+                                          KVF32=kv_f32, EARLY=early, num_warps=4, num_stages=1, **_pdl(dev))
     out = torch.empty((b, hq * d), dtype=torch.float32, device=dev)
     _merge_kernel[(b * hq,)](scr["po"], scr["pml"], out, lengths, HQ=hq, D=d, SPLITS=splits,
-                             SP=max(2, _pow2(splits)), BLOCK=ATTN_BLOCK, num_warps=2, **_pdl(dev))
+                             SP=max(2, _pow2(splits)), BLOCK=ATTN_BLOCK, EARLY=early, num_warps=2, **_pdl(dev))
     return out
 
 
