@@ -757,6 +757,9 @@ def _rope_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, H, HALF: tl.constexp
 GEMV_MAX_TOKENS = 4
 SCRATCH_K = 65536  # the fused prologue's scratch holds GEMV_MAX_TOKENS rows of up to this many inputs
 ATTN_BLOCK = 16  # positions per decode-attention step (16 and 32 measured alike on an H200; 64 slower)
+# decode attention's warps (H100, decode step at 64 / 1024 tokens of context: 4 warps 1105 / 1339 us, 8 warps
+# 1106 / 1296, 2 warps 1126 / 1291) and the merge's (1, 2, 4 alike)
+ATTN_WARPS, MERGE_WARPS = 8, 2
 PAIR_TILE = 16  # row pairs per ternary tile and gemv program (64 contiguous bytes per word row)
 GEMM_WORDS = 64  # words per ternary GEMM step (64 / 32: 157 / 200 us per layer at 64 tokens on an H200)
 GEMV_WARPS = 8  # tiles of 8 / 16 pairs with 2 / 4 / 8 warps measured on an H200: 16 pairs, 8 warps fastest
@@ -1080,10 +1083,12 @@ def decode_attention_tables(q: torch.Tensor, base: torch.Tensor, maxlen: torch.T
         scr["pml"] = torch.empty((b * hq * splits, 2), dtype=torch.float32, device=dev)
     _decode_attn_kernel[(b, hkv, splits)](q, base, maxlen, lengths, scr["po"], scr["pml"], layer, d ** -0.5,
                                           HQ=hq, HKV=hkv, D=d, GP=gp, SPLITS=splits, BLOCK=ATTN_BLOCK,
-                                          KVF32=kv_f32, EARLY=early, num_warps=4, num_stages=1, **_pdl(dev))
+                                          KVF32=kv_f32, EARLY=early, num_warps=ATTN_WARPS, num_stages=1,
+                                          **_pdl(dev))
     out = torch.empty((b, hq * d), dtype=torch.float32, device=dev)
     _merge_kernel[(b * hq,)](scr["po"], scr["pml"], out, lengths, HQ=hq, D=d, SPLITS=splits,
-                             SP=max(2, _pow2(splits)), BLOCK=ATTN_BLOCK, EARLY=early, num_warps=2, **_pdl(dev))
+                             SP=max(2, _pow2(splits)), BLOCK=ATTN_BLOCK, EARLY=early, num_warps=MERGE_WARPS,
+                             **_pdl(dev))
     return out
 
 
