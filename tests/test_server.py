@@ -282,8 +282,48 @@ def test_huge_max_tokens_is_context_length_exceeded(live):
 
 def test_oversized_body_is_413(live):
     big = json.dumps({"messages": chat("x" * (9 << 20))}).encode()
-    assert_error(post(live, "/v1/chat/completions", content=big), 413, "request_too_large")
+    for _ in range(5):  # the body is drained before the answer, so the client reads a 413, not a reset
+        assert_error(post(live, "/v1/chat/completions", content=big), 413, "request_too_large")
+
+    def chunks():  # no Content-Length: the limit is found while reading
+        for i in range(0, len(big), 1 << 20):
+            yield big[i:i + (1 << 20)]
+
+    r = httpx.post(live.url + "/v1/chat/completions", content=chunks(), timeout=30)
+    assert_error(r, 413, "request_too_large")
     assert post(live, "/v1/completions", {"prompt": "ok", "max_tokens": 1}).status_code == 200
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_body_limit_drains_up_to_its_cap_then_answers(declared):
+    """BodyLimit reads the rest of an oversized body (dropped) before its 413 while the total stays within
+    drain_bytes, and stops reading past it; the app never runs."""
+    from onebit.server.limits import BodyLimit
+
+    async def app(scope, receive, send):
+        raise AssertionError("the app must not run for an oversized body")
+
+    async def run(parts: int) -> tuple[int, list]:
+        mw = BodyLimit(app, max_bytes=10, drain_bytes=100)
+        msgs = [{"type": "http.request", "body": b"x" * 8, "more_body": i < parts - 1} for i in range(parts)]
+        taken, sent = [], []
+
+        async def receive():
+            taken.append(msgs[len(taken)])
+            return taken[-1]
+
+        async def send(m):
+            sent.append(m)
+
+        headers = [(b"content-length", str(8 * parts).encode())] if declared else []
+        await mw({"type": "http", "method": "POST", "headers": headers}, receive, send)
+        return len(taken), sent
+
+    n, sent = asyncio.run(run(5))  # 40 bytes: over the limit, within the drain cap
+    assert n == 5 and sent[0]["status"] == 413 and b"request_too_large" in sent[1]["body"]
+    n, sent = asyncio.run(run(50))  # 400 bytes: past the cap
+    assert sent[0]["status"] == 413
+    assert n == (0 if declared else 13)  # declared: cut off at once; else read until past 100 (13 x 8 bytes)
 
 
 @pytest.mark.parametrize("text", ["😀👍🏽 e\u0301 \u202eRTL\u202c", "\u0000nul", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢" * 20, ""])

@@ -83,10 +83,16 @@ def _limited(what: str, limit: float, wait: float, kind: str) -> APIError:
 
 class BodyLimit:
     """ASGI middleware: a request body over ``max_bytes`` gets 413 in OpenAI's shape before the app runs.
-    The body is read here (up to the limit) and replayed to the app; later receives (disconnects) pass on."""
+    The body is read here (up to the limit) and replayed to the app; later receives (disconnects) pass on.
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    Before answering 413 the rest of the body is read and dropped, up to ``drain_bytes`` in all: a server that
+    answers and closes while the client is still sending makes the client's next write fail with a reset,
+    and the client then reports a dropped connection instead of the 413 (about 1 in 20 times for a 9 MB body
+    here). Bodies past ``drain_bytes`` are cut off at once."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, drain_bytes: int | None = None):
         self.app, self.max_bytes = app, max_bytes
+        self.drain_bytes = drain_bytes if drain_bytes is not None else max(4 * max_bytes, 32 << 20)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -94,6 +100,8 @@ class BodyLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            if int(declared) <= self.drain_bytes:
+                await self._drain(receive, 0)
             await self._reject(send)
             return
         chunks, size = [], 0
@@ -104,11 +112,23 @@ class BodyLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
+                if message.get("more_body", False):
+                    await self._drain(receive, size)
                 await self._reject(send)
                 return
             if not message.get("more_body", False):
                 break
         await self.app(scope, _replay(b"".join(chunks), receive), send)
+
+    async def _drain(self, receive: Receive, size: int) -> None:
+        """Read and drop the rest of the body while it stays within drain_bytes (size: bytes already read)."""
+        while size <= self.drain_bytes:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            size += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
 
     async def _reject(self, send: Send) -> None:
         body = json.dumps(error_body(f"The request body is larger than the limit of {self.max_bytes} bytes.",
