@@ -1070,9 +1070,9 @@ def decode_attention_tables(q: torch.Tensor, base: torch.Tensor, maxlen: torch.T
     """Split-KV decode attention for B sequences (one query token each) whose caches are found through
     ``base`` (int64 addresses of [L, 2, max_len, Hkv, D] caches), ``maxlen`` and ``lengths`` (int32).
     q float32 [B, Hq, D] (already rotated) -> float32 [B, Hq * D]: the split kernel writes each split's
-    partial output and (max, sum), the merge kernel combines them with log-sum-exp. ``early``: the tables were
-    written before the previous kernel started (the decode step's inputs), so the kernels read them before they
-    wait for it (see EARLY_TABLES)."""
+    partial output and (max, sum), the merge kernel combines them with log-sum-exp. ``early``: the tables came
+    with the decode step's host-to-device copy, before its first kernel (no kernel writes them), so the kernels
+    read them before they wait for their producer (see EARLY_TABLES)."""
     early = early and EARLY_TABLES
     b, hq, d = q.shape
     dev = q.device
