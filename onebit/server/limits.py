@@ -99,8 +99,9 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            if int(declared) <= self.drain_bytes:
+        declared = int(declared) if declared is not None and declared.isdigit() else None
+        if declared is not None and declared > self.max_bytes:
+            if declared <= self.drain_bytes:
                 await self._drain(receive, 0)
             await self._reject(send)
             return
