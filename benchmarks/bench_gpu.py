@@ -348,10 +348,23 @@ def sec_ours(sec: Section, lm_head: str, batched: bool) -> None:
         cache.trim(n)
         state["valid"] = n
 
-    def steps(ctx: int, k: int) -> None:
-        for t in ids[ctx:ctx + k]:
-            net.forward_batch([([t], cache)], last_only=True)
-        state["valid"] = ctx + k
+    def steps(ctx: int, k: int, how: str = "chain") -> None:
+        """k greedy decode steps from ctx, each step's argmax fed back: "chain" as generate() runs them
+        (greedy_decode: the argmax picked on the device, one step queued ahead of the host), "step" one
+        decode_greedy call per token (the argmax on the device, the host waits for each token before it queues
+        the next step, as the dense baselines do), "logits" with each step's logits brought to the host (what a
+        sampler with a temperature needs) and the argmax taken there."""
+        t = ids[ctx]
+        if how == "chain":
+            n = sum(1 for _ in net.greedy_decode(t, cache, max_steps=k))
+            if n != k:
+                raise RuntimeError(f"greedy_decode gave {n} of {k} tokens")
+        for _ in range(k if how != "chain" else 0):
+            if how == "step":
+                t = int(net.decode_greedy([([t], cache)])[0])
+            else:
+                t = int(net.forward_batch([([t], cache)], last_only=True)[0][-1].argmax())
+        state["valid"] = ctx  # past ctx the cache holds the steps' tokens
 
     # prefill: from an empty cache, in chunks of 512, logits of the last token only
     try:
@@ -372,15 +385,15 @@ def sec_ours(sec: Section, lm_head: str, batched: bool) -> None:
         cache.trim(0)
 
     # batch-1 decode from the longest context down: each fill extends or trims what the cache holds
-    def decode_at(ctx: int) -> dict:
+    def decode_at(ctx: int, how: str = "chain") -> dict:
         sec.stage(f"decode@{ctx} (filling the context)")
         extend(ctx)
-        sec.stage(f"decode@{ctx}")
-        steps(ctx, warm)  # warm-up: kernels compiled, the decode graph captured at this length
+        sec.stage(f"decode@{ctx} ({how})")
+        steps(ctx, warm, how)  # warm-up: kernels compiled, the decode graph captured at this length
         runs = []
         for _ in range(reps):
             cache.trim(ctx)
-            runs.append(sec.wall(lambda: steps(ctx, tokens)))
+            runs.append(sec.wall(lambda: steps(ctx, tokens, how)))
         d = _rates(tokens, runs)
         d["context"], d["mean_context"] = ctx, decode_context(ctx, tokens)
         d["bytes_per_token"] = bpt.at(d["mean_context"])
@@ -407,6 +420,14 @@ def sec_ours(sec: Section, lm_head: str, batched: bool) -> None:
         except Exception as e:
             sec.error(f"decode@{ctx}", e)
         sec.save()
+    for how in ("step", "logits") if s["peer_ctx"] in ctxs and s["peer_ctx"] + tokens <= max_len else ():
+        try:  # the same steps with the host waiting for every token
+            d = decode_at(s["peer_ctx"], how)
+            sec.res[f"{how}_decode@{s['peer_ctx']}"] = d
+            _log(f"{sec.name}: decode@{s['peer_ctx']} ({how}): {d['median_tok_s']:.1f} tok/s")
+        except Exception as e:
+            sec.error(f"decode@{s['peer_ctx']} ({how})", e)
+        sec.save()
 
     # batched decode: B sequences, each with its own cache of batch_ctx tokens, one token each per step
     for bsz in (s.get("batches") or ()) if batched else ():
@@ -419,9 +440,10 @@ def sec_ours(sec: Section, lm_head: str, batched: bool) -> None:
             for g in range(0, bsz, 16):
                 net.forward_batch([(bids[i][:bctx], caches[i]) for i in range(g, min(bsz, g + 16))], last_only=True)
 
-            def bsteps(k: int) -> None:
-                for j in range(k):
-                    net.forward_batch([([bids[i][bctx + j]], caches[i]) for i in range(bsz)], last_only=True)
+            def bsteps(k: int) -> None:  # greedy, as batch-1 decode
+                toks = [bids[i][bctx] for i in range(bsz)]
+                for _ in range(k):
+                    toks = net.decode_greedy([([toks[i]], caches[i]) for i in range(bsz)]).tolist()
 
             def trim_all() -> None:
                 for c in caches:
@@ -1081,6 +1103,9 @@ def summarize(report: dict, basis: str) -> dict:
                 row["decode"][ctx] = _with_roofline(d, bw)
         p = res.get(f"prefill@{s['prefill']}")
         row["prefill"] = p["median_tok_s"] if p else None
+        for how in ("step", "logits"):
+            d = res.get(f"{how}_decode@{s['peer_ctx']}")
+            row[f"{how}_decode"] = _with_roofline(d, bw) if d else None
         row["bytes_per_token"] = {"weights": bpt.ternary, "lm_head": bpt.lm_head,
                                   "kv_per_position": bpt.kv_per_position} if bpt else None
         out["engines"].append(row)
@@ -1189,8 +1214,10 @@ def markdown(report: dict) -> str:
     bw, what = sm["roofline_gb_s"], sm["roofline_bandwidth_what"]
     details = f" ({sm['card_details']})" if sm.get("card_details") else ""
     lines = [f"**{model}** on **{card}**{details}; torch {v.get('torch')}, triton {v.get('triton')}, transformers "
-             f"{v.get('transformers')}. Decode: {s['tokens']} steps timed after the context is filled, host "
-             f"synchronized every step; medians of {s['repeats']} runs after a warm-up. Roofline = "
+             f"{v.get('transformers')}. Decode: greedy, {s['tokens']} steps timed after the context is filled, "
+             f"each step's argmax picked on the device and brought to the host (ours: `greedy_decode`, as "
+             f"`generate` runs it, one step queued ahead of the host; the peers: argmax of their logits, the host "
+             f"waiting for each token); medians of {s['repeats']} runs after a warm-up. Roofline = "
              f"{_num(bw) + ' GB/s' if bw else 'not measured'} ({what}, best pass) / bytes per token.", ""]
     # bandwidth
     b = _sec(report, "bandwidth")
@@ -1218,6 +1245,15 @@ def markdown(report: dict) -> str:
         rows.append(row)
     if rows:
         lines += [f"Batch-1 decode and prefill on {card}:", ""] + _table(head, rows) + [""]
+    for e in sm["engines"]:
+        for how, what in (("step", "the host waiting for each token before it queues the next step "
+                                   "(`decode_greedy` per token, as the dense baselines run)"),
+                          ("logits", "each step's logits brought to the host (`forward_batch`: what a sampler "
+                                     "with a temperature needs)")):
+            d = e.get(f"{how}_decode")
+            if d:
+                lines += [f"{e['engine']}, {e['lm_head']} head, with {what}: decode@{s['peer_ctx']} "
+                          f"{_num(d['median_tok_s'])} tok/s ({_pct(d.get('of_roofline'))} of the roofline).", ""]
     if sm["ratios"]:
         lines += [f"Our int8-head decode@{s['peer_ctx']} against each peer, same run, {card}:", ""]
         lines += _table(["versus", "ours tok/s", "theirs tok/s", "ours / theirs"],

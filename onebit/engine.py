@@ -553,15 +553,25 @@ class Engine:
         self._prefilling = [j for j in self._prefilling if j.todo]
         if not items:
             return
+        # a decode-only step of greedy choices without logprobs (or tails, whose token is not used) asks the model
+        # for the argmax tokens only: a backend that picks them on the device moves no logits
+        greedy = all(isinstance(o, _Seq) and (o.tail or (o.sampler.greedy and o.job.req.logprobs is None))
+                     for o in owners)
         try:
-            logits = self.model.net.forward_batch(items, last_only=True)
+            if greedy:
+                tokens = self.model.net.decode_greedy(items)
+            else:
+                logits = self.model.net.forward_batch(items, last_only=True)
         except Exception as e:  # noqa: BLE001 - fail the requests of this step, keep serving
             log.exception("model step failed")
             for job in {o.job if isinstance(o, _Seq) else o for o in owners}:
                 self._fail(job, e)
             return
         self.steps += 1
-        for owner, lg in zip(owners, logits):
+        if greedy:
+            for owner, token in zip(owners, tokens):
+                self._after_feed(owner, token=int(token))
+        for owner, lg in zip(owners, [] if greedy else logits):
             if isinstance(owner, _Seq):
                 self._after_feed(owner, lg[-1])
             elif not owner.todo and not owner.cancelled:
@@ -583,21 +593,22 @@ class Engine:
         for seq in list(job.seqs):
             self._advance(seq, logits)
 
-    def _after_feed(self, seq: _Seq, logits: np.ndarray) -> None:
+    def _after_feed(self, seq: _Seq, logits: np.ndarray | None = None, token: int | None = None) -> None:
         seq.feed = None
         if seq.tail or seq.job.cancelled:
             self._release(seq)
         else:
-            self._advance(seq, logits)
+            self._advance(seq, logits, token)
 
-    def _advance(self, seq: _Seq, logits: np.ndarray) -> None:
-        """Sample one token for ``seq``, emit its text, and decide whether it goes on."""
+    def _advance(self, seq: _Seq, logits: np.ndarray | None, token: int | None = None) -> None:
+        """Sample one token for ``seq`` (``token``: the model already picked it, greedily), emit its text, and
+        decide whether it goes on."""
         job = seq.job
         if job.cancelled:
             return
         t0 = time.perf_counter()
         try:
-            token, lp = seq.sample(logits, self.model.tokenizer)
+            token, lp = (token, None) if token is not None else seq.sample(logits, self.model.tokenizer)
         except Exception as e:  # noqa: BLE001 - e.g. a logit_bias id outside the vocabulary
             self._fail(job, e)
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,15 +14,19 @@ from .config import SamplingParams
 @dataclass
 class StepResult:
     token: int
-    logits: np.ndarray  # float32 [vocab], before sampling
+    logits: np.ndarray | None  # float32 [vocab], before sampling; None where a greedy sampler's token was picked
+    #                            on the backend (decode steps: CausalLM.decode_greedy)
 
 
 def generate_step(net, prompt_ids: Sequence[int], sampler, cache=None, max_tokens: int = 256,
                   prefill_chunk: int = 512) -> Iterator[StepResult]:
     """Prefill the prompt (in chunks), then decode one token per step until the caller stops or max_tokens.
 
-    The sampler is called as ``sampler(logits, history, generated)``. If ``cache`` already holds a prefix of
-    the prompt (its first ``cache.length`` tokens), only the rest is prefilled.
+    The sampler is called as ``sampler(logits, history, generated)``; one whose ``greedy`` is true (argmax, no
+    bias or penalties) is not called after the prefill: the decode steps are ``CausalLM.greedy_decode`` (the
+    backend picks each argmax token, the logits stay where they are, and where it can one step runs ahead of
+    the host). If ``cache`` already holds a prefix of the prompt (its first ``cache.length`` tokens), only the
+    rest is prefilled.
     """
     ids = list(prompt_ids)
     if not ids:
@@ -34,13 +39,22 @@ def generate_step(net, prompt_ids: Sequence[int], sampler, cache=None, max_token
     for i in range(0, len(todo), prefill_chunk):
         logits = net.forward_batch([(todo[i:i + prefill_chunk], cache)], last_only=True)[0][-1]
     generated: list[int] = []
-    for _ in range(max_tokens):
+    if max_tokens <= 0:
+        return
+    token = int(sampler(logits, ids, generated))
+    generated.append(token)
+    yield StepResult(token, logits)
+    if getattr(sampler, "greedy", False):  # the backend picks each token (one step in flight where it can)
+        with closing(net.greedy_decode(token, cache, max_steps=max_tokens - 1)) as steps:
+            for token in steps:
+                generated.append(token)
+                yield StepResult(token, None)
+        return
+    while len(generated) < max_tokens and cache.length < cache.max_len:
+        logits = net.forward_batch([([token], cache)], last_only=True)[0][-1]
         token = int(sampler(logits, ids + generated, generated))
         generated.append(token)
         yield StepResult(token, logits)
-        if len(generated) == max_tokens or cache.length >= cache.max_len:
-            return
-        logits = net.forward_batch([([token], cache)], last_only=True)[0][-1]
 
 
 def generate_text(model, prompt_ids: Sequence[int], params: SamplingParams, max_tokens: int = 256,

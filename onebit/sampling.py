@@ -8,7 +8,7 @@ import numpy as np
 
 from .config import SamplingParams
 
-__all__ = ["Sampler", "make_sampler", "log_softmax"]
+__all__ = ["Sampler", "make_sampler", "log_softmax", "greedy_tokens"]
 
 _TOP_P_FIRST = 256  # candidates sorted first for top-p; grown 8x until the nucleus ends inside them
 
@@ -18,6 +18,20 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     shifted = x - np.max(x, axis=-1, keepdims=True)
     return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+
+
+def greedy_tokens(logits: np.ndarray) -> np.ndarray:
+    """Logits [..., vocab] -> int64 [...]: the token a temperature-0 sampler without bias or penalties picks
+    (argmax, lowest id on ties, NaN counted as -inf); a row without a finite maximum raises ValueError."""
+    x = np.asarray(logits)
+    rows = x.reshape(-1, x.shape[-1])
+    idx = np.argmax(rows, axis=-1)
+    if not (rows[np.arange(rows.shape[0]), idx] > -np.inf).all():  # a NaN (argmax stops at the first) or -inf
+        rows = np.where(np.isnan(rows), -np.inf, rows)
+        if (rows.max(axis=-1) == -np.inf).any():
+            raise ValueError("logits have no finite maximum; cannot pick a token")
+        idx = np.argmax(rows, axis=-1)
+    return idx.astype(np.int64).reshape(x.shape[:-1])
 
 
 def make_sampler(params: SamplingParams) -> "Sampler":
@@ -49,6 +63,14 @@ class Sampler:
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self._bias_ids = np.array(list(params.logit_bias.keys()), dtype=np.int64)
         self._bias = np.array(list(params.logit_bias.values()), dtype=np.float64)
+
+    @property
+    def greedy(self) -> bool:
+        """Temperature 0 without bias or penalties: the token is ``greedy_tokens(logits)``, which a backend may
+        compute where the logits are (``CausalLM.decode_greedy``)."""
+        p = self.params
+        return (p.temperature == 0 and not self._bias_ids.size and p.repetition_penalty == 1
+                and not p.presence_penalty and not p.frequency_penalty)
 
     def __call__(self, logits: np.ndarray, history: Sequence[int] = (), generated: Sequence[int] = ()) -> int:
         x = self.process_logits(logits, history, generated)

@@ -157,6 +157,33 @@ def test_batched_decode_equals_decoding_alone():
     assert [c.length for c in caches] == [len(p) + 7 for p in prompts]
 
 
+@pytest.mark.parametrize("kind", ["cpu", "numpy"])
+def test_decode_greedy_is_the_argmax_of_the_same_steps_logits(kind):
+    """CausalLM.decode_greedy (one sequence: the cpu backend's one-call step; several: the per-op path; numpy:
+    the per-op path) picks the argmax of the logits forward_batch gives for the same step, and moves the caches
+    the same way; more than one new token per sequence is refused before anything runs."""
+    cfg = CONFIGS["bitnet-int8"]
+    ref, model = models(cfg, seed=fresh_seed())
+    net = model if kind == "cpu" else ref
+    r = np.random.default_rng()
+    prompts = [r.integers(0, cfg.vocab_size, n) for n in (6, 2, 4)]
+    caches = [net.make_cache(32) for _ in prompts]
+    toks = [int(l[-1].argmax()) for l in net.forward_batch(list(zip(prompts, caches)), last_only=True)]
+    for live in ([0], [0, 1, 2], [2], [1, 0]):
+        items = [([toks[i]], caches[i]) for i in live]
+        want = [int(l[-1].argmax()) for l in net.forward_batch(items, last_only=True)]
+        for i in live:
+            caches[i].trim(caches[i].length - 1)
+        got = net.decode_greedy(items)
+        assert got.tolist() == want
+        for i, t in zip(live, want):
+            toks[i] = t
+    assert [c.length for c in caches] == [6 + 3, 2 + 2, 4 + 2]
+    with pytest.raises(ValueError, match="one new token"):
+        net.decode_greedy([([1, 2], caches[0])])
+    assert caches[0].length == 9
+
+
 def test_int8_lm_head_changes_logits_little():
     """Per-row int8 lm_head vs the 16-bit one on the same model: the logit change is bounded."""
     cfg = CONFIGS["bitnet-int8"]

@@ -171,6 +171,39 @@ def test_lm_head_matches_reference(m, head):
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
+@pytest.mark.parametrize("m", [1, 3, 24])  # the f16 gemv (m <= 4) and the gemm; int8 always the gemm
+@pytest.mark.parametrize("head", ["f16", "int8"])
+def test_lm_head_argmax_keys_equal_argmax_of_its_logits(m, head):
+    """The head folds each token's argmax into a key as it stores the logits: the key gives numpy's argmax of
+    those logits, ties (duplicated rows at the top) to the lowest id, and a row with no finite maximum raises."""
+    v, k = 1001, 192
+    # multiples of 1/16 and 1/4: every sum is exact in float32 in any order, so equal rows give equal logits
+    table = rng().integers(-8, 9, (v, k)).astype(np.float32) / 16
+    x = rng().integers(-8, 9, (m, k)).astype(np.float32) / 4
+    top = rng().choice(v, 3, replace=False)
+    table[top] = table[top[0]]  # three equal rows
+    x[0] = table[top[0]] * 16  # token 0's best logit is theirs: a three-way tie
+    be = backend(lm_head=head)
+    mat = be.prepare_dense(table)
+    mat = be._int8_head(mat) if head == "int8" else mat.matrix
+    keys = K.new_argmax_keys(m, DEVICE)
+    if head == "int8":
+        q, s = K.norm_quant(dev(x), None, 0.0)
+        logits = host(K.matmul(q, mat, sx=s, argmax=keys))
+    else:
+        logits = host(K.matmul(dev(x), mat, argmax=keys))
+    got = K.argmax_from_keys(keys)
+    np.testing.assert_array_equal(got, logits.argmax(1))
+    assert got[0] == top.min()
+    keys = K.new_argmax_keys(m, DEVICE)
+    nan = np.full((m, k), np.nan, dtype=np.float32)
+    K.matmul(dev(nan), be.prepare_dense(table).matrix, argmax=keys)
+    with pytest.raises(ValueError, match="no finite maximum"):
+        K.argmax_from_keys(keys)
+    with pytest.raises(ValueError, match="argmax keys"):
+        K.matmul(dev(x), be.prepare_dense(table).matrix, argmax=K.new_argmax_keys(m - 1, DEVICE))
+
+
 def test_rope_matches_reference():
     x = rng().standard_normal((7, 5, 64)).astype(np.float32)
     pos = rng().integers(0, 3000, 7)
@@ -260,6 +293,67 @@ def test_decode_steps_take_the_fused_path_and_graphs_replay_exactly(monkeypatch)
         np.testing.assert_array_equal(a, b)
     if DEVICE == "cuda":
         assert all(s.graph is not None for s in graphed.backend._steps.values())
+
+
+def test_greedy_decode_steps_pick_the_argmax_of_the_same_steps_logits():
+    """decode_greedy (the graph's lm_head picks the token; 8 bytes a sequence to the host) gives, step after step
+    and for a changing batch, the argmax of the logits the same step gives, and leaves the caches alike."""
+    cfg = CONFIGS["bitnet-int8"]
+    w = random_weights(cfg, seed=13)
+    net = build_model(cfg, w, backend())
+    prompts = [rng().integers(0, cfg.vocab_size, n) for n in (5, 3, 8)]
+    caches = [net.make_cache(64) for _ in prompts]
+    logits = net.forward_batch(list(zip(prompts, caches)), last_only=True)
+    toks = [int(l[-1].argmax()) for l in logits]
+    for step in range(3):
+        live = [0, 1, 2] if step % 2 == 0 else [2, 0]
+        items = [(np.array([toks[i]]), caches[i]) for i in live]
+        want = [int(l[-1].argmax()) for l in net.forward_batch(items, last_only=True)]
+        for i in live:
+            caches[i].trim(caches[i].length - 1)  # the same step again, greedily
+        got = net.decode_greedy(items)
+        assert got.dtype == np.int64 and got.tolist() == want
+        for i, t in zip(live, want):
+            toks[i] = t
+    assert [c.length for c in caches] == [5 + 3, 3 + 2, 8 + 3]
+    if DEVICE == "cuda":
+        assert all(s.graph is not None for s in net.backend._steps.values())
+
+
+def test_greedy_chain_runs_a_step_ahead_and_gives_the_step_by_step_tokens():
+    """greedy_decode on the cuda backend keeps one step in flight (its input the last step's argmax, never on the
+    host): the same tokens as decode_greedy step by step; stopping early, max_steps and a full cache leave the
+    cache as step-by-step decoding would; a second chain while one is open decodes step by step; a cache changed
+    under an open chain is an error."""
+    cfg = CONFIGS["bitnet-int8"]
+    net = build_model(cfg, random_weights(cfg, seed=14), backend())
+    prompt = rng().integers(0, cfg.vocab_size, 6)
+    ref, cache = net.make_cache(16), net.make_cache(16)
+    first = int(net.forward_batch([(prompt, ref)], last_only=True)[0][-1].argmax())
+    net.forward_batch([(prompt, cache)], last_only=True)
+    want, t = [], first
+    while ref.length < ref.max_len:
+        t = int(net.decode_greedy([([t], ref)])[0])
+        want.append(t)
+    assert list(net.greedy_decode(first, cache)) == want and cache.length == 16  # to the full cache
+    assert net.backend._steps[(id(net), "chain")].runs == 10  # through the chain's own step
+    cache.trim(6)
+    steps = net.greedy_decode(first, cache)
+    got = [next(steps) for _ in range(3)]
+    steps.close()  # a step was in flight: dropped, the cache holds what the three tokens needed
+    assert got == want[:3] and cache.length == 6 + 3
+    cache.trim(6)
+    assert list(net.greedy_decode(first, cache, max_steps=4)) == want[:4] and cache.length == 6 + 4
+    cache.trim(6)
+    other = net.make_cache(16)
+    net.forward_batch([(prompt, other)], last_only=True)
+    a = net.greedy_decode(first, cache)
+    assert next(a) == want[0]
+    assert list(net.greedy_decode(first, other, max_steps=5)) == want[:5]  # step by step: the chain is taken
+    assert [next(a) for _ in range(2)] == want[1:3]
+    cache.trim(2)
+    with pytest.raises(RuntimeError, match="cache changed"):
+        next(a)
 
 
 def test_warmup_captures_each_bucket_and_leaves_results_unchanged():

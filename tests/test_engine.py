@@ -59,6 +59,23 @@ def test_batched_greedy_equals_fresh_generation(engine, model):
     assert all(u.prompt_tokens == len(p) and u.completion_tokens <= 20 for (_, u), p in zip(results, prompts))
 
 
+def test_greedy_steps_take_the_argmax_from_the_model_and_match_the_sampled_path(engine, model, monkeypatch):
+    """Decode-only steps of greedy choices without logprobs ask the model for argmax tokens (decode_greedy);
+    a request with logprobs samples on the host from the logits; both give the same text."""
+    calls, full = [], []
+    greedy, forward = model.net.decode_greedy, model.net.forward_batch
+    monkeypatch.setattr(model.net, "decode_greedy", lambda items: calls.append(len(items)) or greedy(items))
+    monkeypatch.setattr(model.net, "forward_batch", lambda items, **kw: full.append(len(items)) or forward(items, **kw))
+    prompt = model.tokenizer.encode("the greedy path")
+    (plain,), _ = asyncio.run(run(engine, prompt, params=GREEDY, max_tokens=12))
+    assert len(calls) >= 11 and len(full) <= 2  # the prefill, then decode steps (the tail may come later)
+    calls.clear(), full.clear()
+    (logged,), _ = asyncio.run(run(engine, prompt, params=GREEDY, max_tokens=12, logprobs=2))
+    # every decode step through the logits; decode_greedy only for tails (the token that ends a request is fed
+    # once more so the session caches it, and nothing is sampled from that step)
+    assert len(full) >= 12 and len(calls) <= 2 and plain == logged == fresh(model, prompt, 12)
+
+
 def test_n_choices_share_the_prompt(engine, model):
     ids = model.tokenizer.encode("fork me")
 

@@ -44,14 +44,20 @@ def test_batched_step_equals_separate_steps(model):
     assert ca.length == 9 and cb.length == 5
 
 
-def test_greedy_is_argmax_of_the_logits(model):
+def test_greedy_is_argmax_of_the_logits(model, monkeypatch):
+    """A greedy sampler's decode steps ask the model for the argmax token (decode_greedy), not the logits."""
+    calls = []
+    orig = model.net.decode_greedy
+    monkeypatch.setattr(model.net, "decode_greedy", lambda items: calls.append(len(items)) or orig(items))
     prompt = model.tokenizer.encode("abc")
     sampler = make_sampler(SamplingParams(temperature=0.0))
-    tokens = [s.token for s in generate_step(model.net, prompt, sampler, max_tokens=6)]
+    steps = list(generate_step(model.net, prompt, sampler, max_tokens=6))
+    assert calls == [1] * 5 and steps[0].logits is not None and all(s.logits is None for s in steps[1:])
     ids = list(prompt)
-    for t in tokens:
+    for t in [s.token for s in steps]:
         assert t == int(np.argmax(model.logits(ids)[-1]))
         ids.append(t)
+    assert list(generate_step(model.net, prompt, sampler, max_tokens=0)) == []
 
 
 def test_seeded_sampling_is_reproducible(model):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from onebit.config import SamplingParams
-from onebit.sampling import Sampler, log_softmax, make_sampler
+from onebit.sampling import Sampler, greedy_tokens, log_softmax, make_sampler
 
 torch = pytest.importorskip("torch")
 hf = pytest.importorskip("transformers")
@@ -149,6 +149,39 @@ def test_greedy_is_argmax_ignores_seed_and_keeps_rng():
         assert a.rng.bit_generator.state == state
     ties = np.array([0.0, 5.0, 1.0, 5.0, 5.0], dtype=np.float32)
     assert make_sampler(SamplingParams(temperature=0))(ties) == 1
+
+
+def test_greedy_tokens_pick_what_the_greedy_sampler_picks():
+    """greedy_tokens (what a backend may compute where the logits are) = the temperature-0 sampler, on fresh
+    logits with ties, NaN (as -inf) and +inf, row by row; no finite maximum is the same error."""
+    s = make_sampler(SamplingParams(temperature=0))
+
+    def awkward(vocab):
+        x = random_logits(vocab)
+        x[RNG.integers(0, x.size, 3)] = x.max()  # ties at the top
+        if RNG.random() < 0.3:
+            x[RNG.integers(0, x.size, 2)] = np.nan
+        if RNG.random() < 0.2:
+            x[RNG.integers(0, x.size, 2)] = np.inf
+        return x
+
+    for _ in range(30):
+        x = awkward(int(RNG.integers(2, 3000)))
+        assert greedy_tokens(x) == s(x)
+    batch = np.stack([awkward(300) for _ in range(16)])
+    np.testing.assert_array_equal(greedy_tokens(batch), [s(r) for r in batch])
+    for bad in (np.full(300, -np.inf, dtype=np.float32), np.full(300, np.nan, dtype=np.float32)):
+        with pytest.raises(ValueError, match="finite"):
+            s(bad)
+        with pytest.raises(ValueError, match="finite"):
+            greedy_tokens(np.stack([batch[0], bad]))
+
+
+def test_sampler_is_greedy_only_without_bias_penalties_or_temperature():
+    assert make_sampler(SamplingParams(temperature=0, top_k=5, seed=3)).greedy
+    for kw in (dict(temperature=0.7), dict(logit_bias={3: 1.0}), dict(repetition_penalty=1.1),
+               dict(presence_penalty=0.5), dict(frequency_penalty=-0.5)):
+        assert not make_sampler(SamplingParams(**{"temperature": 0, **kw})).greedy, kw
 
 
 def test_seeded_sampling_is_reproducible_and_seeds_differ():

@@ -70,7 +70,9 @@ class Backend(Protocol):
         """float32 NumPy copy (logits leave the backend through here)."""
 
     # -- optional ------------------------------------------------------------------------------------
-    # decode_batch(net, ids, segments) -> float32 logits [B, vocab] | None: a whole one-token-per-sequence step
-    #   owned by the backend (cuda: a captured CUDA graph; cpu: one sequence through every layer in one C call);
-    #   None hands the step back to the per-op path (CausalLM.forward_batch).
+    # decode_batch(net, ids, segments, greedy=False) -> float32 logits [B, vocab] | None: a whole
+    #   one-token-per-sequence step owned by the backend (cuda: a captured CUDA graph; cpu: one sequence through
+    #   every layer in one C call); None hands the step back to the per-op path (CausalLM.forward_batch).
+    #   greedy: int64 [B] argmax tokens instead of the logits (sampling.greedy_tokens; cuda picks them on the
+    #   device); CausalLM.decode_greedy asks for them.
     # warmup(net, max_batch): compile / capture what serving will use; the engine calls it before it is ready.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,6 +164,48 @@ class CausalLM:
     def forward(self, ids, cache):
         """ids int [T] appended to ``cache`` -> float32 logits [T, vocab] (NumPy)."""
         return self.forward_batch([(ids, cache)])[0]
+
+    def decode_greedy(self, items: list[tuple[Any, Any]]) -> np.ndarray:
+        """[(token, cache), ...], one new token per sequence -> int64 [B]: each sequence's next token by argmax
+        (``sampling.greedy_tokens`` of the logits ``forward_batch`` gives). A backend whose one-token step can
+        pick it where the logits are (``decode_batch(..., greedy=True)``) returns only the ids."""
+        segments, ids = [], []
+        for tok, cache in items:
+            tok = np.asarray(tok, dtype=np.int64).reshape(-1)
+            if tok.size != 1:
+                raise ValueError(f"decode_greedy takes one new token per sequence, got {tok.size}")
+            if cache.length + 1 > cache.max_len:
+                raise ValueError(f"context full: {cache.length} + 1 tokens > {cache.max_len}")
+            segments.append(Segment(cache, cache.length, 1))
+            ids.append(tok)
+        decode = getattr(self.backend, "decode_batch", None)
+        if decode is not None:
+            tokens = decode(self, np.concatenate(ids), segments, greedy=True)
+            if tokens is not None:
+                for s in segments:
+                    s.cache.length = s.start + 1
+                return tokens
+        from ..sampling import greedy_tokens
+
+        return greedy_tokens(np.concatenate(self.forward_batch(items, last_only=True)))
+
+    def greedy_decode(self, token: int, cache, max_steps: int | None = None) -> Iterator[int]:
+        """Greedy decoding of one sequence: feed ``token``, yield the argmax next token, feed that, ... until
+        ``max_steps`` tokens, a full cache, or the caller stops (closing the iterator). When a token is yielded
+        the cache holds every token fed before it. A backend with ``greedy_chain`` keeps one step in flight (the
+        step consuming a token is queued before the token reaches the host); elsewhere each step is
+        ``decode_greedy``. The same tokens either way."""
+        chain = getattr(self.backend, "greedy_chain", None)
+        steps = chain(self, token, cache, max_steps) if chain is not None else None
+        if steps is not None:
+            with closing(steps):
+                yield from steps
+            return
+        left = cache.max_len - cache.length if max_steps is None else max_steps
+        while left > 0 and cache.length < cache.max_len:
+            token = int(self.decode_greedy([([token], cache)])[0])
+            left -= 1
+            yield token
 
     def forward_batch(self, items: list[tuple[Any, Any]], last_only: bool = False) -> list[np.ndarray]:
         """[(ids, cache), ...] -> per item float32 logits [T_i, vocab] (or [1, vocab] with last_only)."""

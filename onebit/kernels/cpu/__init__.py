@@ -356,10 +356,11 @@ class CpuBackend:
         return y
 
     # -- fused decode ------------------------------------------------------------------------------
-    def decode_batch(self, net, ids: np.ndarray, segments) -> np.ndarray | None:
+    def decode_batch(self, net, ids: np.ndarray, segments, greedy: bool = False) -> np.ndarray | None:
         """A one-token step of ONE sequence through every layer in one C call (``decode_step``: the per-op
         path's kernels in its order, so bit-identical logits without the Python between them); None (the
-        caller runs the per-op path) for batches and for models it does not describe."""
+        caller runs the per-op path) for batches and for models it does not describe. ``greedy``: the argmax
+        token (int64 [1]) instead of the logits."""
         if len(segments) != 1:
             return None
         plan = self._decode_plan(net)
@@ -377,7 +378,12 @@ class CpuBackend:
         _ext.decode_step(self._ctx, plan, len(net.layers), x, cfg.hidden_size, cfg.num_attention_heads,
                          cfg.num_key_value_heads, cfg.head_dim, float(cfg.rms_norm_eps), seg.start, cache.k, cache.v,
                          kvt, cache.max_len, cos, sin, cos.shape[0])
-        return self.dense_matmul(self.rmsnorm(x, net.norm.weight, net.norm.eps), net.lm_head)
+        logits = self.dense_matmul(self.rmsnorm(x, net.norm.weight, net.norm.eps), net.lm_head)
+        if greedy:
+            from ...sampling import greedy_tokens
+
+            return greedy_tokens(logits)
+        return logits
 
     def _decode_plan(self, net) -> np.ndarray | None:
         """int64 [layers, 26] of weight addresses and sizes for decode_step, built once per model (the arrays it

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ...errors import UnsupportedError
+from ...models.base import Segment
 from ...weights.packing import TernaryWeight
 from ..numpy_ref import quantize_rows_int8, rope_tables
 from . import kernels as K
@@ -241,9 +242,11 @@ class TritonCudaBackend:
         return self._t(x).float().cpu().numpy()
 
     # -- fused decode --------------------------------------------------------------------------------
-    def decode_batch(self, net, ids: np.ndarray, segments) -> np.ndarray | None:
-        """One decode step (one new token per sequence) -> float32 logits [B, vocab], or None when this
-        model cannot take the fused path (the caller then runs the protocol path)."""
+    def decode_batch(self, net, ids: np.ndarray, segments, greedy: bool = False) -> np.ndarray | None:
+        """One decode step (one new token per sequence) -> float32 logits [B, vocab] or, with ``greedy``, each
+        sequence's argmax token (int64 [B]: the lm_head folds it in as it stores the logits, and only 8 bytes a
+        sequence come to the host); None when this model cannot take the fused path (the caller then runs the
+        protocol path)."""
         plan = self._plan(net)
         if plan is None:
             return None
@@ -255,8 +258,23 @@ class TritonCudaBackend:
             step = self._steps.get(key)
             if step is None:
                 step = self._steps[key] = DecodeStep(self, net, plan, bucket)
-            outs.append(step.run(ids[lo:lo + len(segs)], segs))
+            outs.append(step.run(ids[lo:lo + len(segs)], segs, greedy))
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+    def greedy_chain(self, net, token: int, cache, max_steps: int | None = None) -> "_GreedyChain | None":
+        """Greedy decoding of one sequence with one step always in flight (see ``CausalLM.greedy_decode``): the
+        step that consumes token t is queued before t reaches the host, its input taken from the last step's
+        argmax on the device, so the host's work per token overlaps the GPU's. None (the caller decodes step by
+        step) when the fused step cannot run this model or another chain is open."""
+        if self._plan(net) is None or not isinstance(cache, CudaKVCache):
+            return None
+        key = (id(net), "chain")  # its own step: the batch steps' keys / buffers are never in between
+        step = self._steps.get(key)
+        if step is None:
+            step = self._steps[key] = DecodeStep(self, net, self._plan(net), 1)
+        if step.busy:
+            return None
+        return _GreedyChain(step, int(token), cache, max_steps)
 
     def warmup(self, net, max_batch: int = 1) -> None:
         """Compile the kernel variants serving uses and capture the decode graphs of every batch bucket up to
@@ -282,6 +300,64 @@ class TritonCudaBackend:
         if key not in self._plans:
             self._plans[key] = _layer_plans(net)
         return self._plans[key]
+
+
+class _GreedyChain:
+    """See TritonCudaBackend.greedy_chain: an iterator of tokens that holds the chain step until it is closed
+    (exhausted, ``close()``, or collected). ``cache.length`` counts the steps whose token was yielded; the step
+    in flight writes the position after them, and the cache must not change while the chain is open."""
+
+    def __init__(self, step: "DecodeStep", token: int, cache: CudaKVCache, max_steps: int | None):
+        self.step, self.cache = step, cache
+        step.busy = True
+        self.left = cache.max_len - cache.length
+        if max_steps is not None:
+            self.left = min(self.left, max_steps)
+        self.pos = cache.length  # where the next step queued writes
+        self.pending = None
+        self.closed = False
+        if self.left > 0:
+            self.pending = self._launch(token)
+
+    def _launch(self, token: int):
+        h = self.step.launch(np.array([token]), [Segment(self.cache, self.pos, 1)])
+        self.pos += 1
+        self.left -= 1
+        return h
+
+    def __iter__(self) -> "_GreedyChain":
+        return self
+
+    def __next__(self) -> int:
+        if self.closed or self.pending is None:
+            self.close()
+            raise StopIteration
+        if self.cache.length != self.pos - 1:
+            self.close()
+            raise RuntimeError("the cache changed while a greedy chain was decoding into it")
+        try:
+            done = self.pending
+            # the step consuming done's token, queued before that token is known (-1: the device's argmax)
+            self.pending = self._launch(-1) if self.left > 0 else None
+            token = int(self.step.collect(done)[0])
+        except BaseException:
+            self.close()
+            raise
+        self.cache.length = self.pos - (self.pending is not None)
+        return token
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.pending is not None:  # a step queued past what the caller took: let it finish, drop its token
+            self.step.collect(self.pending)
+            self.pending = None
+            self.cache.length = min(self.cache.length, self.pos - 1)
+        self.step.busy = False
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def _layer_plans(net) -> list[LayerPlan] | None:
@@ -317,14 +393,12 @@ class DecodeStep:
         self.cos, self.sin = backend.rope_tables(float(cfg.rope_theta), self.d // 2, cfg.max_position_embeddings)
         self.splits = K.choose_splits(bucket, self.hkv, cfg.max_position_embeddings, K.sm_count(dev))
         # static inputs, one buffer (one host-to-device copy per step): ids int64 [B], cache addresses int64 [B],
-        # then int32 [3, B] (positions, lengths, cache sizes); host staging pinned on a GPU, written through numpy
+        # then int32 [3, B] (positions, lengths, cache sizes); host staging pinned on a GPU, written through numpy,
+        # two of it (and of the argmax keys' host copy) so that a step can be prepared while the last one runs
         pin = dev.type == "cuda"
         n8 = 2 * bucket * 8
-        self.h_buf = torch.zeros(n8 + 3 * bucket * 4, dtype=torch.uint8, pin_memory=pin)
-        self.d_buf = torch.zeros(self.h_buf.shape[0], dtype=torch.uint8, device=dev)
-        h = self.h_buf.numpy()
-        self.h_ids, self.h_base = h[:n8].view(np.int64)[:bucket], h[:n8].view(np.int64)[bucket:]
-        self.h_i32 = h[n8:].view(np.int32).reshape(3, bucket)
+        self.d_buf = torch.zeros(n8 + 3 * bucket * 4, dtype=torch.uint8, device=dev)
+        self.h_bufs = [torch.zeros(self.d_buf.shape[0], dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
         self.ids, self.base = self.d_buf[:n8].view(torch.int64)[:bucket], self.d_buf[:n8].view(torch.int64)[bucket:]
         self.i32 = self.d_buf[n8:].view(torch.int32).view(3, bucket)
         self.pad = backend.make_cache(cfg.num_hidden_layers, self.hkv, self.d, 1)  # where padding rows write
@@ -332,12 +406,25 @@ class DecodeStep:
         self.q = torch.zeros((bucket, self.hq * self.d), dtype=torch.float32, device=dev)
         self.scratch: dict = {}
         self.kv_f32 = self.pad.kv.dtype == torch.float32
+        self.keys = K.new_argmax_keys(bucket, dev)  # each row's argmax (reset by the embedding kernel)
+        self.h_keys = [torch.zeros(bucket, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self.done = [torch.cuda.Event() if pin else None for _ in range(2)]
+        self.slot = 0
+        self.busy = False  # a greedy chain is open on this step (TritonCudaBackend.greedy_chain)
         self.graph = None
         self.logits = None
         self.h_logits = None  # pinned host copy of the logits, made at the first step
         self.runs = 0
 
-    def run(self, ids: np.ndarray, segments) -> np.ndarray:
+    def run(self, ids: np.ndarray, segments, greedy: bool = False) -> np.ndarray:
+        """One step, waited for: float32 logits [n, vocab] or, with ``greedy``, the argmax tokens int64 [n]."""
+        return self.collect(self.launch(ids, segments, greedy))
+
+    def launch(self, ids: np.ndarray, segments, greedy: bool = True) -> tuple[int, int, bool]:
+        """Queue one step (tables, graph, the result's copy to the host) and return without waiting: a handle
+        for ``collect``. An id of -1 feeds the row the argmax token the last step of this object picked for
+        the same row (it never reaches the host: a chain of greedy steps runs without the host in between).
+        The next launch may be queued before this one is collected (two staging buffers take turns)."""
         n = len(segments)
         for s in segments:
             if not isinstance(s.cache, CudaKVCache) or s.cache.kv.dtype != self.pad.kv.dtype:
@@ -348,15 +435,21 @@ class DecodeStep:
         if last >= self.cos.shape[0]:  # positions past the RoPE tables: grow them
             self.cos, self.sin = self.be.rope_tables(float(self.cfg.rope_theta), self.d // 2, 2 * last + 1)
             self.graph, self.runs = None, 0  # the graph read the old tables: capture again
+        slot = self.slot
+        self.slot ^= 1
+        h = self.h_bufs[slot].numpy()
+        n8 = 2 * self.bucket * 8
+        h_ids, h_base = h[:n8].view(np.int64)[:self.bucket], h[:n8].view(np.int64)[self.bucket:]
+        h_i32 = h[n8:].view(np.int32).reshape(3, self.bucket)
         caches = [s.cache for s in segments] + [self.pad] * (self.bucket - n)
-        self.h_ids[:n] = ids
-        self.h_ids[n:] = 0
-        self.h_i32[0, :n] = [s.start for s in segments]
-        self.h_i32[0, n:] = 0
-        self.h_i32[1] = self.h_i32[0] + 1
-        self.h_i32[2] = [c.max_len for c in caches]
-        self.h_base[:] = [c.kv.data_ptr() for c in caches]
-        self.d_buf.copy_(self.h_buf, non_blocking=True)
+        h_ids[:n] = ids
+        h_ids[n:] = 0
+        h_i32[0, :n] = [s.start for s in segments]
+        h_i32[0, n:] = 0
+        h_i32[1] = h_i32[0] + 1
+        h_i32[2] = [c.max_len for c in caches]
+        h_base[:] = [c.kv.data_ptr() for c in caches]
+        self.d_buf.copy_(self.h_bufs[slot], non_blocking=True)
         if self.graph is not None:
             self.graph.replay()
         elif self.be.graphs and self.runs >= 1:
@@ -365,12 +458,25 @@ class DecodeStep:
         else:
             self.logits = self.body()
         self.runs += 1
-        # through pinned memory: ~12 us a step quicker than .cpu() for a 128k vocabulary (H200)
-        if self.h_logits is None or self.h_logits.shape != self.logits.shape:
-            self.h_logits = torch.empty(self.logits.shape, dtype=self.logits.dtype, pin_memory=self.logits.is_cuda)
-        self.h_logits[:n].copy_(self.logits[:n], non_blocking=True)
-        if self.logits.is_cuda:
-            torch.cuda.current_stream(self.logits.device).synchronize()
+        if greedy:
+            self.h_keys[slot][:n].copy_(self.keys[:n], non_blocking=True)
+        else:
+            # through pinned memory: ~12 us a step quicker than .cpu() for a 128k vocabulary (H200)
+            if self.h_logits is None or self.h_logits.shape != self.logits.shape:
+                self.h_logits = torch.empty(self.logits.shape, dtype=self.logits.dtype,
+                                            pin_memory=self.logits.is_cuda)
+            self.h_logits[:n].copy_(self.logits[:n], non_blocking=True)
+        if self.done[slot] is not None:
+            self.done[slot].record()
+        return slot, n, greedy
+
+    def collect(self, handle: tuple[int, int, bool]) -> np.ndarray:
+        """Wait for a launched step: its argmax tokens int64 [n] (greedy) or float32 logits [n, vocab]."""
+        slot, n, greedy = handle
+        if self.done[slot] is not None:
+            self.done[slot].synchronize()
+        if greedy:
+            return K.argmax_from_keys(self.h_keys[slot][:n].numpy())
         return self.h_logits[:n].numpy().copy()
 
     def _capture(self) -> None:
@@ -386,7 +492,7 @@ class DecodeStep:
         net = self.net
         pos, lengths, maxlen = self.i32[0], self.i32[1], self.i32[2]
         x = self.x
-        K.embed(net.embed.table, self.ids, x)
+        K.embed(net.embed.table, self.ids, x, keys=self.keys)
         # early: positions, lengths and cache tables come with the step's one host-to-device copy, before any kernel
         qkv = dict(q_out=self.q, cos=self.cos, sin=self.sin, pos=pos, base=self.base, maxlen=maxlen,
                    hq=self.hq, hkv=self.hkv, head_dim=self.d, kv_f32=self.kv_f32, early=True)
@@ -405,4 +511,5 @@ class DecodeStep:
             m = K.matmul(x, p.gate_up, norm=p.post_norm, eps=eps, quant=self.act8, glu=p.act)
             K.matmul(m, p.down, norm=p.ffn_sub_norm, eps=eps, quant=self.act8, out=x, residual=True)
         head = be._int8_head(net.lm_head) if be.lm_head == "int8" else net.lm_head.matrix
-        return K.matmul(x, head, norm=net.norm.weight, eps=float(net.norm.eps), quant=be.lm_head == "int8")
+        return K.matmul(x, head, norm=net.norm.weight, eps=float(net.norm.eps), quant=be.lm_head == "int8",
+                        argmax=self.keys)

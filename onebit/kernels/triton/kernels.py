@@ -206,10 +206,26 @@ def _rope_store_head(lo, hi, d, head, row, pos, c, sn, base_i, maxlen, q_out_ptr
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, sc_ptr, out_ptr, M, K, N, RESIDUAL: tl.constexpr, BM: tl.constexpr,
-                 BN: tl.constexpr, BKW: tl.constexpr, GDC: tl.constexpr):
+def _argmax_update(y, cols, cmask, key_ptr, m, mmask, AXIS: tl.constexpr):
+    """Fold logits y (columns cols along AXIS) of token rows m into key_ptr[m] (int64, reset to ARGMAX_EMPTY by the
+    step's first kernel) with one atomic max per row and program: key = (the float's bits, ordered like the
+    floats, as a signed int32) << 32 | (2**32 - 1 - column), so the largest logit wins and, among equal ones,
+    the lowest column, as NumPy's argmax. -0.0 counts as 0.0 and NaN as -inf (the sampler's nan_to_num)."""
+    v = tl.where(y == 0.0, 0.0, y)
+    v = tl.where(v != v, float("-inf"), v)
+    b = v.to(tl.int32, bitcast=True)
+    k = b ^ ((b >> 31) & 0x7FFFFFFF)
+    key = (k.to(tl.int64) << 32) | (4294967295 - cols.to(tl.int64))
+    key = tl.where(cmask, key, -9223372036854775807 - 1)
+    tl.atomic_max(key_ptr + m, tl.max(key, AXIS), mask=mmask, sem="relaxed")
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, sc_ptr, out_ptr, key_ptr, M, K, N, RESIDUAL: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, BKW: tl.constexpr, ARGMAX: tl.constexpr, GDC: tl.constexpr):
     """Dense rows (the 16-bit lm_head) times float32 x: out[m, n] = (x[m] . W[n]) * scale[n] (+= with RESIDUAL)
-    for M <= BM tokens (int8 activations go to the tensor-core gemm)."""
+    for M <= BM tokens (int8 activations go to the tensor-core gemm). ARGMAX: each token's argmax into key_ptr
+    (see _argmax_update)."""
     _after_producers(GDC)
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     rmask = rows < N
@@ -228,6 +244,9 @@ def _gemv_kernel(x_ptr, w_ptr, sc_ptr, out_ptr, M, K, N, RESIDUAL: tl.constexpr,
             if RESIDUAL:
                 y += tl.load(out_ptr + mi * N + rows, mask=rmask, other=0.0)
             tl.store(out_ptr + mi * N + rows, y, mask=rmask)
+            if ARGMAX:
+                mrow = tl.full([1], mi, tl.int32)  # a one-element atomic, as the gemm's (not a scalar one)
+                _argmax_update(y[None, :], rows[None, :], rmask[None, :], key_ptr, mrow, mrow < M, 1)
 
 
 @triton.jit
@@ -533,11 +552,12 @@ def _tgemm_kernel(x_ptr, sx_ptr, w_ptr, sc_ptr, out_ptr, M, N, NP, P, NSEG,
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, sx_ptr, w_ptr, sc_ptr, out_ptr, M, K, N,
+def _gemm_kernel(x_ptr, sx_ptr, w_ptr, sc_ptr, out_ptr, key_ptr, M, K, N,
                  XQ: tl.constexpr, RESIDUAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr,
-                 GDC: tl.constexpr):
+                 ARGMAX: tl.constexpr, GDC: tl.constexpr):
     """Dense rows (int8 or 16-bit) for many tokens, and the int8 lm_head at any token count, on the tensor
-    cores: int8 x int8 -> int32 (XQ) or float32 IEEE."""
+    cores: int8 x int8 -> int32 (XQ) or float32 IEEE. ARGMAX: each token's argmax into key_ptr
+    (see _argmax_update)."""
     _after_producers(GDC)
     pm, pn = tl.program_id(0), tl.program_id(1)
     rm = pm * BM + tl.arange(0, BM)
@@ -570,6 +590,8 @@ def _gemm_kernel(x_ptr, sx_ptr, w_ptr, sc_ptr, out_ptr, M, K, N,
     if RESIDUAL:
         out += tl.load(optr, mask=omask, other=0.0)
     tl.store(optr, out, mask=omask)
+    if ARGMAX:
+        _argmax_update(out, rn[None, :], omask, key_ptr, rm, mmask, 1)
 
 
 @triton.jit
@@ -722,11 +744,19 @@ def _prefill_attn_kernel(q_ptr, k_ptr, v_ptr, out_ptr, T, start, scale, stride_k
 
 
 @triton.jit
-def _embed_kernel(table_ptr, ids_ptr, out_ptr, H, BH: tl.constexpr, GDC: tl.constexpr):
-    """out[t] = float32(table[ids[t]]) (the decode step's embedding gather, one launch)."""
+def _embed_kernel(table_ptr, ids_ptr, out_ptr, key_ptr, H, BH: tl.constexpr, KEYS: tl.constexpr,
+                  GDC: tl.constexpr):
+    """out[t] = float32(table[ids[t]]) (the decode step's embedding gather, one launch). KEYS: an id of -1 takes
+    the token the last step's lm_head left in key_ptr[t], and key_ptr[t] is reset to ARGMAX_EMPTY for this
+    step's (see _argmax_update)."""
     _after_producers(GDC)
     t = tl.program_id(0)
     row = tl.load(ids_ptr + t)
+    if KEYS:  # an id of -1: the argmax the last step left in this row's key
+        key = tl.load(key_ptr + t)
+        row = tl.where(row < 0, 4294967295 - (key & 4294967295), row)
+        tl.debug_barrier()  # every thread has read the key before it is reset
+        tl.store(key_ptr + t, -9223372036854775807 - 1)
     for h0 in range(0, H, BH):
         h = h0 + tl.arange(0, BH)
         v = tl.load(table_ptr + row * H + h, mask=h < H, other=0.0)
@@ -970,14 +1000,17 @@ def _glu_torch(y: torch.Tensor, act: int, out: torch.Tensor | None) -> torch.Ten
 
 def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor | None = None, eps: float = 0.0,
            quant: bool = False, out: torch.Tensor | None = None, residual: bool = False,
-           glu: int | None = None, qkv: dict | None = None) -> torch.Tensor:
+           glu: int | None = None, qkv: dict | None = None, argmax: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W.T (scaled), x float32 [M, K] (or int8 with its scales ``sx``).
 
     ``norm``: RMSNorm x first (its weight); ``quant``: then quantize per token to int8 (fused into the ternary
     gemv's prologue for up to GEMV_MAX_TOKENS tokens, its own kernel otherwise). ``residual``: add into ``out``
     in place. ``glu``: ACT_RELU2 / ACT_SILU of W's two row halves (gate, up) -> [M, N/2]. ``qkv``: RoPE + KV
     append epilogue (decode, ternary, pairs of half a head: ``Matrix.repair``; see ``_tgemv_kernel``; its key
-    ``early``: the tables may be read before the wait, as in ``decode_attention_tables``)."""
+    ``early``: the tables may be read before the wait, as in ``decode_attention_tables``). ``argmax`` (a dense
+    W, int64 [M] keys from ``new_argmax_keys`` or reset by ``embed``): each token's argmax column is folded into
+    its key as the logits are stored (``argmax_from_keys`` reads them), so a greedy step need not move the
+    logits."""
     m = x.shape[0]
     dev = x.device
     d = _dummy(dev)
@@ -990,6 +1023,8 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
         raise ValueError("glu and residual do not combine")
     if out is None and residual:
         raise ValueError("residual=True adds into out: pass it")
+    if argmax is not None and (w.kind == W_TERNARY or glu is not None or residual or argmax.shape[0] < m):
+        raise ValueError("argmax keys are for a dense matrix's plain output, one key per token")
     # a gemv of many programs per SM, or of several tokens, quantizes once first (see PROLOGUE_PROGRAMS_PER_SM)
     once = gemv and not xq and quant and (m > PROLOGUE_MAX_TOKENS
                                           or w.layout.tiles > PROLOGUE_PROGRAMS_PER_SM * sm_count(dev))
@@ -1016,15 +1051,17 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
         y = out if (residual and glu is None) else torch.empty((m, w.n), dtype=torch.float32, device=dev)
         bm = 64 if m > 32 else 32 if m > 16 or w.kind != W_INT8 else 16
         grid = (triton.cdiv(m, bm), triton.cdiv(w.n, 64))
-        _gemm_kernel[grid](x, sx if xq else d, w.data, w.scales, y, m, w.k, w.n, XQ=xq,
-                           RESIDUAL=residual and glu is None, BM=bm, BN=64, BKW=256 if bm == 16 else 64,
-                           num_warps=4, num_stages=2, **_pdl(dev))
+        _gemm_kernel[grid](x, sx if xq else d, w.data, w.scales, y, argmax if argmax is not None else d, m, w.k,
+                           w.n, XQ=xq, RESIDUAL=residual and glu is None, BM=bm, BN=64,
+                           BKW=256 if bm == 16 else 64, ARGMAX=argmax is not None, num_warps=4, num_stages=2,
+                           **_pdl(dev))
         return y if glu is None else _glu_torch(y, glu, out)
     if out is None:
         out = torch.empty((m, w.n), dtype=torch.float32, device=dev)
     y = out if glu is None else torch.empty((m, w.n), dtype=torch.float32, device=dev)
-    _gemv_kernel[(triton.cdiv(w.n, 8),)](x, w.data, w.scales, y, m, w.k, w.n, RESIDUAL=residual and glu is None,
-                                         BM=_pow2(m), BN=8, BKW=256, num_warps=4, **_pdl(dev))
+    _gemv_kernel[(triton.cdiv(w.n, 8),)](x, w.data, w.scales, y, argmax if argmax is not None else d, m, w.k, w.n,
+                                         RESIDUAL=residual and glu is None, BM=_pow2(m), BN=8, BKW=256,
+                                         ARGMAX=argmax is not None, num_warps=4, **_pdl(dev))
     return y if glu is None else _glu_torch(y, glu, out)
 
 
@@ -1139,11 +1176,34 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     return out
 
 
-def embed(table: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out float32 [T, H] = table [V, H] (any float dtype) rows ids int64 [T]."""
-    _embed_kernel[(ids.shape[0],)](table, ids, out, table.shape[1], BH=min(1024, _pow2(table.shape[1])),
-                                   **_pdl(out.device))
+def embed(table: torch.Tensor, ids: torch.Tensor, out: torch.Tensor, keys: torch.Tensor | None = None):
+    """out float32 [T, H] = table [V, H] (any float dtype) rows ids int64 [T]; ``keys`` (int64 [T]): an id of -1
+    takes the argmax in its row's key (left by the last ``matmul(..., argmax=keys)``), then every key is reset
+    to ARGMAX_EMPTY for the next."""
+    _embed_kernel[(ids.shape[0],)](table, ids, out, keys if keys is not None else out, table.shape[1],
+                                   BH=min(1024, _pow2(table.shape[1])), KEYS=keys is not None, **_pdl(out.device))
     return out
+
+
+ARGMAX_EMPTY = -(1 << 63)  # an argmax key no logit gives
+
+
+def new_argmax_keys(m: int, device) -> torch.Tensor:
+    """int64 [m] argmax keys, empty, for ``matmul(..., argmax=keys)``."""
+    return torch.full((m,), ARGMAX_EMPTY, dtype=torch.int64, device=device)
+
+
+def argmax_from_keys(keys) -> "np.ndarray":
+    """Keys (int64, NumPy or torch) -> the argmax columns, int64; a row whose logits were all NaN / -inf (no
+    finite maximum: the sampler refuses those too) or that no kernel wrote raises ValueError."""
+    import numpy as np
+
+    k = np.asarray(keys.cpu() if isinstance(keys, torch.Tensor) else keys, dtype=np.int64)
+    top = (k >> 32).astype(np.int32)
+    neg_inf = np.int32(np.float32(-np.inf).view(np.int32) ^ 0x7FFFFFFF)
+    if (k == ARGMAX_EMPTY).any() or (top == neg_inf).any():
+        raise ValueError("logits have no finite maximum; cannot pick a token")
+    return 0xFFFFFFFF - (k & 0xFFFFFFFF)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
