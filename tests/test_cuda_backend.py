@@ -59,11 +59,10 @@ def random_ternary(n: int, k: int, scales=1.0) -> TernaryWeight:
 
 @pytest.mark.parametrize("m", [1, 3, 17])
 @pytest.mark.parametrize("n,k", [(37, 333), (64, 1000), (5, 16), (40, 4500)])
-@pytest.mark.parametrize("tile", ["wide", "tile", "chunked"])  # the gemv's whole-tile (two tiles a program) and
-def test_ternary_matmul_is_integer_exact(m, n, k, tile, monkeypatch):  # chunked dot products
+@pytest.mark.parametrize("tile", [True, False])  # the gemv's whole-tile and chunked dot products
+def test_ternary_matmul_is_integer_exact(m, n, k, tile, monkeypatch):
     """Scales of 1 make the output the int32 accumulator itself: identical to the reference's."""
-    monkeypatch.setattr(K, "GEMV_TILE_WORDS", 0 if tile == "chunked" else 1024)
-    monkeypatch.setattr(K, "PROLOGUE_PROGRAMS_PER_SM", 0 if tile == "wide" else 1 << 30)
+    monkeypatch.setattr(K, "GEMV_TILE_WORDS", 1024 if tile else 0)
     w = random_ternary(n, k)
     xq = rng().integers(-128, 128, (m, k)).astype(np.int8)
     got = K.matmul(dev(xq), backend().prepare_ternary(w), sx=dev(np.ones(m, np.float32)))
@@ -129,18 +128,14 @@ def test_matmul_rejects_epilogues_that_do_not_combine(m):
 
 
 @pytest.mark.parametrize("m", [1, 4, 20])
-# every gemv quantizes first (and takes two tiles a program) / none does / the gate-up gemv takes two tiles a
-# program (21 tiles > 2 programs x 8 SMs) with the fused prologue, the other one tile (PROLOGUE_*, GEMV_WIDE)
-@pytest.mark.parametrize("first", ["all", "none", "wide"])
+@pytest.mark.parametrize("first", [True, False])  # every gemv quantizes first / none does (PROLOGUE_*)
 @pytest.mark.parametrize("tile", [True, False])
 def test_fused_prologue_and_epilogues_equal_the_separate_kernels(m, first, tile, monkeypatch):
     """RMSNorm + quantization in the matmul's prologue (or, for gemvs of many programs, in norm_quant first),
     residual add and gated activation in its epilogue give exactly what norm_quant + matmul + torch ops give,
-    with the gemv's whole-tile dot product (one or two tiles a program) and the chunked one."""
-    monkeypatch.setattr(K, "PROLOGUE_PROGRAMS_PER_SM", {"all": 0, "none": 1 << 30, "wide": 2}[first])
-    monkeypatch.setattr(K, "PROLOGUE_MAX_TOKENS", 0 if first == "all" else K.GEMV_MAX_TOKENS)
-    if first == "wide":
-        monkeypatch.setattr(K, "sm_count", lambda device: 8)
+    with the gemv's whole-tile dot product and the chunked one."""
+    monkeypatch.setattr(K, "PROLOGUE_PROGRAMS_PER_SM", 0 if first else 1 << 30)
+    monkeypatch.setattr(K, "PROLOGUE_MAX_TOKENS", 0 if first else K.GEMV_MAX_TOKENS)
     monkeypatch.setattr(K, "GEMV_TILE_WORDS", 1024 if tile else 0)
     k, inter = 192, 333
     x = rng().standard_normal((m, k)).astype(np.float32)
@@ -265,20 +260,16 @@ def models(cfg, seed, **options):
 
 @pytest.mark.parametrize("name,kv_dtype", [("bitnet-int8", "f32"), ("bitnet-int8", "f16"),
                                            ("llama-f32act", "f32")])
-@pytest.mark.parametrize("short", [128, 0])  # decode graphs with one attention program per kv head / split-KV
-def test_prompt_and_16_decode_steps_match_reference(name, kv_dtype, short, monkeypatch):
-    monkeypatch.setattr(K, "DECODE_SHORT_CTX", short)
+def test_prompt_and_16_decode_steps_match_reference(name, kv_dtype):
     ref, fast = models(CONFIGS[name], seed=fresh_seed(), kv_dtype=kv_dtype)
     err, agree, _, _ = prompt_and_decode(ref, fast)
     assert err <= BOUND[name], f"max|diff| = {err:.2e} x max|logit|"
     assert agree.mean() >= 0.95, f"argmax agrees at {agree.mean():.0%} of positions"
 
 
-@pytest.mark.parametrize("short", [128, 0])  # the short-context graph variant / split-KV with a merge
-def test_decode_steps_take_the_fused_path_and_graphs_replay_exactly(short, monkeypatch):
+def test_decode_steps_take_the_fused_path_and_graphs_replay_exactly(monkeypatch):
     """Graph replays (new positions, new cache sets each step) equal the same fused step run eagerly, the
     graphs with the step's tables read before each kernel's wait (EARLY_TABLES), the eager steps after it."""
-    monkeypatch.setattr(K, "DECODE_SHORT_CTX", short)
     cfg = CONFIGS["bitnet-int8"]
     w = random_weights(cfg, seed=11)
     eager = build_model(cfg, w, backend(graphs=False))
@@ -372,8 +363,8 @@ def test_warmup_captures_each_bucket_and_leaves_results_unchanged():
     cold, warm = build_model(cfg, w, backend()), build_model(cfg, w, backend())
     warm.backend.warmup(warm, max_batch=3)
     assert sorted(k[1] for k in warm.backend._steps) == [1, 2, 4]  # buckets up to the first >= 3
-    if DEVICE == "cuda":  # both graph variants (the model's 256 positions reach past the short one's)
-        assert all(sorted(s.graphs) == [False, True] for s in warm.backend._steps.values())
+    if DEVICE == "cuda":
+        assert all(s.graph is not None for s in warm.backend._steps.values())
     ids = rng().integers(0, cfg.vocab_size, 7)
     outs = []
     for net in (cold, warm):

@@ -281,17 +281,15 @@ class TritonCudaBackend:
         ``max_batch``, on throwaway caches, so that no request waits for Triton's JIT (seconds per variant on
         a fresh machine; Triton keeps them in its on-disk cache, so later starts are quick)."""
         vocab = net.config.vocab_size
-        ctx = min(net.config.max_position_embeddings, max(128, K.DECODE_SHORT_CTX + 4))
+        ctx = min(net.config.max_position_embeddings, 128)
         for n in (1, 3, 5, 40):  # gemv token counts 1 / 2-4, the two gemm tile heights, prefill attention
             net.forward_batch([(np.arange(n) % vocab, net.make_cache(ctx))], last_only=True)
         for bucket in BUCKETS:
             caches = [net.make_cache(ctx) for _ in range(bucket)]
-            # both graph variants: short contexts (from 2 positions) and split-KV (past DECODE_SHORT_CTX)
-            for start in sorted({2, min(ctx - 3, K.DECODE_SHORT_CTX + 1)}):
-                for c in caches:
-                    net.forward_batch([(np.arange(start - c.length) % vocab, c)], last_only=True)
-                for _ in range(2):  # the first run is eager, the second captures the graph
-                    net.forward_batch([(np.array([1]), c) for c in caches], last_only=True)
+            for c in caches:
+                net.forward_batch([(np.arange(2) % vocab, c)], last_only=True)
+            for _ in range(2):  # the first run is eager, the second captures the graph
+                net.forward_batch([(np.array([1]), c) for c in caches], last_only=True)
             if bucket >= max_batch:
                 break
         if self.device.type == "cuda":
@@ -413,12 +411,8 @@ class DecodeStep:
         self.done = [torch.cuda.Event() if pin else None for _ in range(2)]
         self.slot = 0
         self.busy = False  # a greedy chain is open on this step (TritonCudaBackend.greedy_chain)
-        # by variant: short (every sequence within K.DECODE_SHORT_CTX positions: one attention program per
-        # (sequence, kv head) writes the output, no merge kernel) or not (split-KV + merge)
-        self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
-        self.outs: dict[bool, torch.Tensor] = {}  # each variant's logits (the graph's output)
-        self.eager: dict[bool, int] = {}  # eager runs per variant (the second run captures)
-        self.short = False  # the last launch's variant
+        self.graph = None
+        self.logits = None
         self.h_logits = None  # pinned host copy of the logits, made at the first step
         self.runs = 0
 
@@ -440,8 +434,7 @@ class DecodeStep:
         last = max(s.start for s in segments)
         if last >= self.cos.shape[0]:  # positions past the RoPE tables: grow them
             self.cos, self.sin = self.be.rope_tables(float(self.cfg.rope_theta), self.d // 2, 2 * last + 1)
-            self.graphs.clear()  # the graphs read the old tables: capture again
-            self.eager.clear()
+            self.graph, self.runs = None, 0  # the graph read the old tables: capture again
         slot = self.slot
         self.slot ^= 1
         h = self.h_bufs[slot].numpy()
@@ -457,25 +450,22 @@ class DecodeStep:
         h_i32[2] = [c.max_len for c in caches]
         h_base[:] = [c.kv.data_ptr() for c in caches]
         self.d_buf.copy_(self.h_bufs[slot], non_blocking=True)
-        short = last + 1 <= K.DECODE_SHORT_CTX
-        self.short = short
-        if short in self.graphs:
-            self.graphs[short].replay()
-        elif self.be.graphs and self.eager.get(short, 0) >= 1:
-            self._capture(short)
-            self.graphs[short].replay()
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.be.graphs and self.runs >= 1:
+            self._capture()
+            self.graph.replay()
         else:
-            self.outs[short] = self.body(short)
-            self.eager[short] = self.eager.get(short, 0) + 1
+            self.logits = self.body()
         self.runs += 1
-        logits = self.outs[short]
         if greedy:
             self.h_keys[slot][:n].copy_(self.keys[:n], non_blocking=True)
         else:
             # through pinned memory: ~12 us a step quicker than .cpu() for a 128k vocabulary (H200)
-            if self.h_logits is None or self.h_logits.shape != logits.shape:
-                self.h_logits = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=logits.is_cuda)
-            self.h_logits[:n].copy_(logits[:n], non_blocking=True)
+            if self.h_logits is None or self.h_logits.shape != self.logits.shape:
+                self.h_logits = torch.empty(self.logits.shape, dtype=self.logits.dtype,
+                                            pin_memory=self.logits.is_cuda)
+            self.h_logits[:n].copy_(self.logits[:n], non_blocking=True)
         if self.done[slot] is not None:
             self.done[slot].record()
         return slot, n, greedy
@@ -489,21 +479,15 @@ class DecodeStep:
             return K.argmax_from_keys(self.h_keys[slot][:n].numpy())
         return self.h_logits[:n].numpy().copy()
 
-    @property
-    def graph(self) -> "torch.cuda.CUDAGraph | None":
-        """The captured graph of the last launch's variant (None before its capture)."""
-        return self.graphs.get(self.short)
-
-    def _capture(self, short: bool) -> None:
+    def _capture(self) -> None:
         torch.cuda.synchronize(self.be.device)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            self.outs[short] = self.body(short)
-        self.graphs[short] = g
+            self.logits = self.body()
+        self.graph = g
 
-    def body(self, short: bool = False) -> torch.Tensor:
-        """The whole decode step on the static inputs (eager, or recorded into the graph); ``short``: every
-        sequence within K.DECODE_SHORT_CTX positions (one attention split)."""
+    def body(self) -> torch.Tensor:
+        """The whole decode step on the static inputs (eager, or recorded into the graph)."""
         be, cfg, eps = self.be, self.cfg, float(self.cfg.rms_norm_eps)
         net = self.net
         pos, lengths, maxlen = self.i32[0], self.i32[1], self.i32[2]
@@ -521,7 +505,7 @@ class DecodeStep:
                 y = K.matmul(x, p.qkv, norm=p.in_norm, eps=eps, quant=self.act8)
                 K.rope_append(y, self.q, self.cos, self.sin, pos, self.base, maxlen, i, self.hq, self.hkv, self.d,
                               self.kv_f32)
-            a = K.decode_attention_tables(q3, self.base, maxlen, lengths, i, self.hkv, 1 if short else self.splits,
+            a = K.decode_attention_tables(q3, self.base, maxlen, lengths, i, self.hkv, self.splits,
                                           scratch=self.scratch, kv_f32=self.kv_f32, early=True)
             K.matmul(a, p.o, norm=p.attn_sub_norm, eps=eps, quant=self.act8, out=x, residual=True)
             m = K.matmul(x, p.gate_up, norm=p.post_norm, eps=eps, quant=self.act8, glu=p.act)

@@ -370,11 +370,9 @@ def _tgemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, scq_ptr, scf_pt
                   KIN: tl.constexpr, KWT: tl.constexpr, GW: tl.constexpr, GS: tl.constexpr, GLIM: tl.constexpr,
                   C: tl.constexpr, MASKK: tl.constexpr, XQ: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr,
                   EPI: tl.constexpr, ACT: tl.constexpr, HALF_D: tl.constexpr, KVF32: tl.constexpr,
-                  BP: tl.constexpr, PT: tl.constexpr, BKW: tl.constexpr, BK: tl.constexpr, ONE: tl.constexpr,
-                  GSP: tl.constexpr,
+                  BP: tl.constexpr, BKW: tl.constexpr, BK: tl.constexpr, ONE: tl.constexpr, GSP: tl.constexpr,
                   TILE: tl.constexpr, KWP: tl.constexpr, EARLY: tl.constexpr, GDC: tl.constexpr):
-    """Ternary GEMV for M <= GEMV_MAX_TOKENS tokens; program = BP row pairs: one stored tile of PT pairs (see
-    ``TernaryLayout``), or with TILE BP / PT adjacent tiles (fewer programs: one wave, see GEMV_WIDE).
+    """Ternary GEMV for M <= GEMV_MAX_TOKENS tokens; program = one tile of BP row pairs (see ``TernaryLayout``).
 
     Prologue (x float, NORM and/or QUANT): every program normalizes and quantizes the M rows once, in a 1-D
     layout, into a scratch buffer its threads then read (identical bytes from every program). The dot loop
@@ -408,13 +406,8 @@ def _tgemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, scq_ptr, scf_pt
     scb = tl.load(sc_ptr + rb, mask=mb, other=0.0)
     if TILE:
         wq = tl.arange(0, KWP)
-        if BP == PT:
-            wt = tl.load(tl.max_contiguous(tl.multiple_of(wbase + wq[:, None] * BP + pl[None, :], [16, 16]),
-                                           [1, BP]), mask=(wq < KWT)[:, None], other=0)
-        else:  # pair p: word row wq of stored tile p // PT at lane p % PT (rows of PT contiguous words)
-            off = (p // PT) * (KWT * PT) + p % PT
-            wt = tl.load(tl.max_contiguous(tl.multiple_of(w_ptr + off[None, :] + wq[:, None] * PT, [16, 16]),
-                                           [1, PT]), mask=(wq < KWT)[:, None] & pmask[None, :], other=0)
+        wt = tl.load(tl.max_contiguous(tl.multiple_of(wbase + wq[:, None] * BP + pl[None, :], [16, 16]), [1, BP]),
+                     mask=(wq < KWT)[:, None], other=0)
         gq = wq // GW  # word wq: segment gq, word jq of the segment
         jq = wq - gq * GW
     nwv = _norm_weight(nw_ptr, KIN, NORM and PREP, BK, ONE)
@@ -666,12 +659,9 @@ def _decode_attn_kernel(q_ptr, base_ptr, maxlen_ptr, len_ptr, part_o_ptr, part_m
         acc = acc * alpha[:, None] + tl.sum(pr[:, :, None] * v[None, :, :], 1)
         m_i = m_new
     row = (b * HQ + h * GROUP + g) * SPLITS + sp
-    if SPLITS == 1:  # the whole context in this program: the output itself, no merge
-        tl.store(part_o_ptr + row[:, None] * D + d[None, :], acc / l_i[:, None], mask=qmask)
-    else:
-        tl.store(part_o_ptr + row[:, None] * D + d[None, :], acc, mask=qmask)
-        tl.store(part_ml_ptr + row * 2, m_i, mask=g < GROUP)
-        tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=g < GROUP)
+    tl.store(part_o_ptr + row[:, None] * D + d[None, :], acc, mask=qmask)
+    tl.store(part_ml_ptr + row * 2, m_i, mask=g < GROUP)
+    tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=g < GROUP)
 
 
 @triton.jit
@@ -800,9 +790,6 @@ ATTN_BLOCK = 16  # positions per decode-attention step (16 and 32 measured alike
 # decode attention's warps (H100, decode step at 64 / 1024 tokens of context: 4 warps 1105 / 1339 us, 8 warps
 # 1106 / 1296, 2 warps 1126 / 1291) and the merge's (1, 2, 4 alike)
 ATTN_WARPS, MERGE_WARPS = 8, 2
-# A decode step whose sequences all hold at most this many positions replays a graph whose attention is one
-# program per (sequence, kv head) over the whole context, writing the output itself: no merge kernel (0: never)
-DECODE_SHORT_CTX = 128
 PAIR_TILE = 16  # row pairs per ternary tile and gemv program (64 contiguous bytes per word row)
 GEMM_WORDS = 64  # words per ternary GEMM step (64 / 32: 157 / 200 us per layer at 64 tokens on an H200)
 GEMV_WARPS = 8  # tiles of 8 / 16 pairs with 2 / 4 / 8 warps measured on an H200: 16 pairs, 8 warps fastest
@@ -818,10 +805,6 @@ PROLOGUE_MAX_TOKENS = 1
 # A gemv of int8 products with one column group and at most this many words per pair (rounded up to a power of
 # two) loads its whole tile at once, before waiting for its producers (``_tgemv_kernel``'s TILE); 0: never.
 GEMV_TILE_WORDS = 1024
-# A whole-tile gemv with more tiles than PROLOGUE_PROGRAMS_PER_SM programs per SM gives each program up to this
-# many adjacent tiles (while its words per pair x tiles stay <= 1024), so all run in one wave, the weights of
-# every program are read before the wait, and the RMSNorm + quantization prologue can stay fused; 1: never.
-GEMV_WIDE = 2
 # Programmatic dependent launch (CUDA, compute capability >= 9): each kernel of a step is launched while the
 # previous one runs and waits for it in ``_after_producers``. ONEBIT_PDL=0 turns it off.
 PDL = os.environ.get("ONEBIT_PDL", "1") != "0"
@@ -1043,10 +1026,8 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
     if argmax is not None and (w.kind == W_TERNARY or glu is not None or residual or argmax.shape[0] < m):
         raise ValueError("argmax keys are for a dense matrix's plain output, one key per token")
     # a gemv of many programs per SM, or of several tokens, quantizes once first (see PROLOGUE_PROGRAMS_PER_SM)
-    once = gemv and not xq and quant and (
-        m > PROLOGUE_MAX_TOKENS
-        or -(-w.layout.tiles // _gemv_shape(w, True, dev, qkv is not None)[1])
-        > PROLOGUE_PROGRAMS_PER_SM * sm_count(dev))
+    once = gemv and not xq and quant and (m > PROLOGUE_MAX_TOKENS
+                                          or w.layout.tiles > PROLOGUE_PROGRAMS_PER_SM * sm_count(dev))
     if (once or not gemv) and not xq and (norm is not None or quant):  # one norm (+ quantization) kernel first
         xn = norm_quant(x, norm, eps, quant=quant)
         x, sx, xq, norm = (xn[0], xn[1], True, None) if quant else (xn, None, False, None)
@@ -1084,18 +1065,6 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
     return y if glu is None else _glu_torch(y, glu, out)
 
 
-def _gemv_shape(w: Matrix, int8: bool, dev, qkv: bool = False) -> tuple[bool, int]:
-    """(TILE: the whole tile loaded at once, tiles per program) of a ternary gemv on int8 products (``int8``);
-    the q/k/v epilogue keeps one tile (a program's pairs stay inside one head)."""
-    tile = int8 and w.c == 1 and _pow2(w.layout.kwt) <= GEMV_TILE_WORDS
-    tpp = 1
-    if tile and not qkv:
-        room = PROLOGUE_PROGRAMS_PER_SM * sm_count(dev)
-        while tpp < GEMV_WIDE and -(-w.layout.tiles // tpp) > room and _pow2(w.layout.kwt) * tpp <= 1024:
-            tpp *= 2
-    return tile, tpp
-
-
 def _ternary_gemv(x, w: Matrix, lay: TernaryLayout, m: int, xq: bool, sx, norm, eps: float, quant: bool, out,
                   residual: bool, glu, qkv, n_out: int) -> torch.Tensor:
     dev = x.device
@@ -1111,18 +1080,17 @@ def _ternary_gemv(x, w: Matrix, lay: TernaryLayout, m: int, xq: bool, sx, norm, 
     scq, scf, ss = _scratch(dev)
     bk, one = _prep_block(w.k)
     q = qkv or {}
-    tile, tpp = _gemv_shape(w, xq or quant, dev, qkv is not None)
     kwp = _pow2(lay.kwt)
-    _tgemv_kernel[(triton.cdiv(lay.tiles, tpp),)](
+    tile = (xq or quant) and w.c == 1 and kwp <= GEMV_TILE_WORDS
+    _tgemv_kernel[(lay.tiles,)](
         x, sx if xq else d, norm if norm is not None else d, w.data, w.scales, out, scq, scf, ss, m, w.n, lay.np,
         lay.pair, lay.nseg, eps, q.get("q_out", d), q.get("cos", d), q.get("sin", d), q.get("pos", d),
         q.get("base", d), q.get("maxlen", d), q.get("layer", 0), q.get("hq", 1), q.get("hkv", 1),
         KIN=w.k, KWT=lay.kwt, GW=lay.gw, GS=lay.gs, GLIM=lay.glim, C=w.c, MASKK=lay.maskk, XQ=xq,
         NORM=norm is not None, QUANT=quant and not xq, EPI=epi, ACT=glu or 0, HALF_D=max(1, q.get("head_dim", 2) // 2),
-        KVF32=q.get("kv_f32", False), BP=PAIR_TILE * tpp, PT=PAIR_TILE, BKW=lay.bkw, BK=bk, ONE=one,
-        GSP=_pow2(lay.gs),
+        KVF32=q.get("kv_f32", False), BP=PAIR_TILE, BKW=lay.bkw, BK=bk, ONE=one, GSP=_pow2(lay.gs),
         TILE=tile, KWP=kwp, EARLY=bool(q.get("early")) and EARLY_TABLES,
-        num_warps=GEMV_XQ_WARPS if xq and lay.kwt <= 512 and tpp == 1 else GEMV_WARPS, **_pdl(dev))
+        num_warps=GEMV_XQ_WARPS if xq and lay.kwt <= 512 else GEMV_WARPS, **_pdl(dev))
     return out
 
 
@@ -1146,12 +1114,6 @@ def decode_attention_tables(q: torch.Tensor, base: torch.Tensor, maxlen: torch.T
     b, hq, d = q.shape
     dev = q.device
     gp = max(2, _pow2(hq // hkv))
-    if splits == 1:  # one program per (sequence, kv head) writes the output: no partials, no merge
-        out = torch.empty((b, hq * d), dtype=torch.float32, device=dev)
-        _decode_attn_kernel[(b, hkv, 1)](q, base, maxlen, lengths, out, out, layer, d ** -0.5, HQ=hq, HKV=hkv, D=d,
-                                         GP=gp, SPLITS=1, BLOCK=ATTN_BLOCK, KVF32=kv_f32, EARLY=early,
-                                         num_warps=ATTN_WARPS, num_stages=1, **_pdl(dev))
-        return out
     scr = scratch if scratch is not None else {}
     if scr.get("po") is None or scr["po"].shape[0] < b * hq * splits:
         scr["po"] = torch.empty((b * hq * splits, d), dtype=torch.float32, device=dev)
