@@ -439,7 +439,7 @@ def test_http_bridge_answers_like_the_engine_and_reports_an_unreachable_server(l
 
 def test_serve_command_serves_mcp_with_the_api_key(tmp_path):
     port, mcp_port = free_port(), free_port()
-    env = {**os.environ, "PYTHONPATH": ROOT}
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     p = subprocess.Popen([sys.executable, "-m", "onebit.cli", "serve", MODEL, "--port", str(port), "--mcp-port",
                           str(mcp_port), "--api-key", "k1", "--ctx", "256"], env=env, stderr=subprocess.PIPE, text=True)
     try:

@@ -494,7 +494,8 @@ def test_serve_command_starts_and_serves(tmp_path):
         port = s.getsockname()[1]
     keyfile = tmp_path / "keys"
     keyfile.write_text("k1\n")
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    path = [os.getcwd(), os.environ.get("PYTHONPATH", "")]  # the checkout first, the caller's path kept
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
     p = subprocess.Popen([sys.executable, "-m", "onebit.cli", "serve", MODEL, "--port", str(port), "--api-key-file",
                           str(keyfile), "--ctx", "256"], env=env, stderr=subprocess.PIPE, text=True)
     try:
