@@ -1246,13 +1246,13 @@ def markdown(report: dict) -> str:
     if rows:
         lines += [f"Batch-1 decode and prefill on {card}:", ""] + _table(head, rows) + [""]
     for e in sm["engines"]:
-        for how, what in (("step", "the host waiting for each token before it queues the next step "
-                                   "(`decode_greedy` per token, as the dense baselines run)"),
-                          ("logits", "each step's logits brought to the host (`forward_batch`: what a sampler "
-                                     "with a temperature needs)")):
+        for how, with_ in (("step", "the host waiting for each token before it queues the next step "
+                                    "(`decode_greedy` per token, as the dense baselines run)"),
+                           ("logits", "each step's logits brought to the host (`forward_batch`: what a sampler "
+                                      "with a temperature needs)")):
             d = e.get(f"{how}_decode")
             if d:
-                lines += [f"{e['engine']}, {e['lm_head']} head, with {what}: decode@{s['peer_ctx']} "
+                lines += [f"{e['engine']}, {e['lm_head']} head, with {with_}: decode@{s['peer_ctx']} "
                           f"{_num(d['median_tok_s'])} tok/s ({_pct(d.get('of_roofline'))} of the roofline).", ""]
     if sm["ratios"]:
         lines += [f"Our int8-head decode@{s['peer_ctx']} against each peer, same run, {card}:", ""]
