@@ -357,7 +357,10 @@ class _GreedyChain:
         self.step.busy = False
 
     def __del__(self) -> None:
-        self.close()
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - at interpreter exit torch may be gone before the chain
+            pass
 
 
 def _layer_plans(net) -> list[LayerPlan] | None:
