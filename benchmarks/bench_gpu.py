@@ -359,10 +359,11 @@ def sec_ours(sec: Section, lm_head: str, batched: bool) -> None:
             n = sum(1 for _ in net.greedy_decode(t, cache, max_steps=k))
             if n != k:
                 raise RuntimeError(f"greedy_decode gave {n} of {k} tokens")
-        for _ in range(k if how != "chain" else 0):
-            if how == "step":
+        elif how == "step":
+            for _ in range(k):
                 t = int(net.decode_greedy([([t], cache)])[0])
-            else:
+        else:
+            for _ in range(k):
                 t = int(net.forward_batch([([t], cache)], last_only=True)[0][-1].argmax())
         state["valid"] = ctx  # past ctx the cache holds the steps' tokens
 

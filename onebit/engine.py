@@ -571,11 +571,12 @@ class Engine:
         if greedy:
             for owner, token in zip(owners, tokens):
                 self._after_feed(owner, token=int(token))
-        for owner, lg in zip(owners, [] if greedy else logits):
-            if isinstance(owner, _Seq):
-                self._after_feed(owner, lg[-1])
-            elif not owner.todo and not owner.cancelled:
-                self._prefilled(owner, lg[-1])
+        else:
+            for owner, lg in zip(owners, logits):
+                if isinstance(owner, _Seq):
+                    self._after_feed(owner, lg[-1])
+                elif not owner.todo and not owner.cancelled:
+                    self._prefilled(owner, lg[-1])
         self.recent.append((time.monotonic(), time.perf_counter() - t0, self.prefill_chunk - budget,
                             self.tokens_generated - generated))
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import FormatError
+from ..sampling import greedy_tokens
 from ..weights.packing import TernaryWeight, concat_rows
 
 
@@ -185,8 +186,6 @@ class CausalLM:
                 for s in segments:
                     s.cache.length = s.start + 1
                 return tokens
-        from ..sampling import greedy_tokens
-
         return greedy_tokens(np.concatenate(self.forward_batch(items, last_only=True)))
 
     def greedy_decode(self, token: int, cache, max_steps: int | None = None) -> Iterator[int]:

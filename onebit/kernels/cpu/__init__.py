@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ...errors import UnsupportedError
+from ...sampling import greedy_tokens
 from ...weights.packing import TernaryWeight
 from ..numpy_ref import rope_tables
 
@@ -380,8 +381,6 @@ class CpuBackend:
                          kvt, cache.max_len, cos, sin, cos.shape[0])
         logits = self.dense_matmul(self.rmsnorm(x, net.norm.weight, net.norm.eps), net.lm_head)
         if greedy:
-            from ...sampling import greedy_tokens
-
             return greedy_tokens(logits)
         return logits
 

@@ -353,7 +353,6 @@ class _GreedyChain:
         if self.pending is not None:  # a step queued past what the caller took: let it finish, drop its token
             self.step.collect(self.pending)
             self.pending = None
-            self.cache.length = min(self.cache.length, self.pos - 1)
         self.step.busy = False
 
     def __del__(self) -> None:
@@ -402,6 +401,9 @@ class DecodeStep:
         n8 = 2 * bucket * 8
         self.d_buf = torch.zeros(n8 + 3 * bucket * 4, dtype=torch.uint8, device=dev)
         self.h_bufs = [torch.zeros(self.d_buf.shape[0], dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+        # per buffer: numpy views of ids, cache addresses, int32 [3, B]
+        self.h_views = [(h[:n8].view(np.int64)[:bucket], h[:n8].view(np.int64)[bucket:],
+                         h[n8:].view(np.int32).reshape(3, bucket)) for h in (b.numpy() for b in self.h_bufs)]
         self.ids, self.base = self.d_buf[:n8].view(torch.int64)[:bucket], self.d_buf[:n8].view(torch.int64)[bucket:]
         self.i32 = self.d_buf[n8:].view(torch.int32).view(3, bucket)
         self.pad = backend.make_cache(cfg.num_hidden_layers, self.hkv, self.d, 1)  # where padding rows write
@@ -440,10 +442,7 @@ class DecodeStep:
             self.graph, self.runs = None, 0  # the graph read the old tables: capture again
         slot = self.slot
         self.slot ^= 1
-        h = self.h_bufs[slot].numpy()
-        n8 = 2 * self.bucket * 8
-        h_ids, h_base = h[:n8].view(np.int64)[:self.bucket], h[:n8].view(np.int64)[self.bucket:]
-        h_i32 = h[n8:].view(np.int32).reshape(3, self.bucket)
+        h_ids, h_base, h_i32 = self.h_views[slot]
         caches = [s.cache for s in segments] + [self.pad] * (self.bucket - n)
         h_ids[:n] = ids
         h_ids[n:] = 0

@@ -29,6 +29,7 @@ import functools
 import math
 import os
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -1193,11 +1194,9 @@ def new_argmax_keys(m: int, device) -> torch.Tensor:
     return torch.full((m,), ARGMAX_EMPTY, dtype=torch.int64, device=device)
 
 
-def argmax_from_keys(keys) -> "np.ndarray":
+def argmax_from_keys(keys) -> np.ndarray:
     """Keys (int64, NumPy or torch) -> the argmax columns, int64; a row whose logits were all NaN / -inf (no
     finite maximum: the sampler refuses those too) or that no kernel wrote raises ValueError."""
-    import numpy as np
-
     k = np.asarray(keys.cpu() if isinstance(keys, torch.Tensor) else keys, dtype=np.int64)
     top = (k >> 32).astype(np.int32)
     neg_inf = np.int32(np.float32(-np.inf).view(np.int32) ^ 0x7FFFFFFF)
