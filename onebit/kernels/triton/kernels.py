@@ -39,6 +39,11 @@ from triton.language.extra import libdevice
 W_TERNARY, W_INT8, W_FLOAT = 0, 1, 2
 EPI_STORE, EPI_RESIDUAL, EPI_GLU, EPI_QKV = 0, 1, 2, 3
 ACT_RELU2, ACT_SILU = 0, 1
+# argmax keys (see _argmax_update): the low 32 bits' mask (the column field) and the key no logit gives
+ARGMAX_COLS = 0xFFFFFFFF
+ARGMAX_EMPTY = -(1 << 63)
+_KEY_COLS = tl.constexpr(ARGMAX_COLS)
+_KEY_EMPTY = tl.constexpr(ARGMAX_EMPTY)
 if os.environ.get("TRITON_INTERPRET") == "1":  # Triton's CPU interpreter (tests) has no libdevice.rint
     _RNE = tl.constexpr(12582912.0)
 
@@ -216,8 +221,8 @@ def _argmax_update(y, cols, cmask, key_ptr, m, mmask, AXIS: tl.constexpr):
     v = tl.where(v != v, float("-inf"), v)
     b = v.to(tl.int32, bitcast=True)
     k = b ^ ((b >> 31) & 0x7FFFFFFF)
-    key = (k.to(tl.int64) << 32) | (4294967295 - cols.to(tl.int64))
-    key = tl.where(cmask, key, -9223372036854775807 - 1)
+    key = (k.to(tl.int64) << 32) | (_KEY_COLS - cols.to(tl.int64))
+    key = tl.where(cmask, key, _KEY_EMPTY)
     tl.atomic_max(key_ptr + m, tl.max(key, AXIS), mask=mmask, sem="relaxed")
 
 
@@ -755,9 +760,9 @@ def _embed_kernel(table_ptr, ids_ptr, out_ptr, key_ptr, H, BH: tl.constexpr, KEY
     row = tl.load(ids_ptr + t)
     if KEYS:  # an id of -1: the argmax the last step left in this row's key
         key = tl.load(key_ptr + t)
-        row = tl.where(row < 0, 4294967295 - (key & 4294967295), row)
+        row = tl.where(row < 0, _KEY_COLS - (key & _KEY_COLS), row)
         tl.debug_barrier()  # every thread has read the key before it is reset
-        tl.store(key_ptr + t, -9223372036854775807 - 1)
+        tl.store(key_ptr + t, _KEY_EMPTY)
     for h0 in range(0, H, BH):
         h = h0 + tl.arange(0, BH)
         v = tl.load(table_ptr + row * H + h, mask=h < H, other=0.0)
@@ -1186,9 +1191,6 @@ def embed(table: torch.Tensor, ids: torch.Tensor, out: torch.Tensor, keys: torch
     return out
 
 
-ARGMAX_EMPTY = -(1 << 63)  # an argmax key no logit gives
-
-
 def new_argmax_keys(m: int, device) -> torch.Tensor:
     """int64 [m] argmax keys, empty, for ``matmul(..., argmax=keys)``."""
     return torch.full((m,), ARGMAX_EMPTY, dtype=torch.int64, device=device)
@@ -1202,7 +1204,7 @@ def argmax_from_keys(keys) -> np.ndarray:
     neg_inf = np.int32(np.float32(-np.inf).view(np.int32) ^ 0x7FFFFFFF)
     if (k == ARGMAX_EMPTY).any() or (top == neg_inf).any():
         raise ValueError("logits have no finite maximum; cannot pick a token")
-    return 0xFFFFFFFF - (k & 0xFFFFFFFF)
+    return ARGMAX_COLS - (k & ARGMAX_COLS)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
