@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
 from onebit.cli import main
+from subprocess_env import checkout_env
 
 
 def test_run_streams_greedy_text(capsys):
@@ -54,9 +54,8 @@ def test_errors_are_one_line(capsys, args, needle):
 def test_corrupt_gguf_via_entry_point(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 10)
-    path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))  # the caller's path kept
     p = subprocess.run([sys.executable, "-m", "onebit.cli", "info", str(bad)], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": path})
+                       env=checkout_env())
     assert p.returncode == 1, p.stderr
     assert "Traceback" not in p.stderr and str(bad) in p.stderr and p.stderr.count("\n") == 1
 

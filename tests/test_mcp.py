@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -31,9 +30,9 @@ from onebit.server import ServerSettings  # noqa: E402
 from onebit.server import admin as admin_models  # noqa: E402
 from onebit.server.admin import Admin, SamplerFields  # noqa: E402
 from onebit.server.openai import CompletionRequest  # noqa: E402
+from subprocess_env import ROOT, checkout_env  # noqa: E402
 from test_server import LETTERS, MODEL, LiveServer, chat, make_engine  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 READ_ONLY = {"list_models", "health", "kv_cache_stats", "list_sessions", "inspect_session", "get_sampler_defaults",
              "kernel_timing", "tokenize", "detokenize"}
 DESTRUCTIVE = {"evict_session", "set_sampler_overrides", "reset_sampler_overrides", "reset_kernel_timing"}
@@ -397,7 +396,7 @@ def test_auth_enforced_on_streamable_http(secured):
 
 def test_stdio_bridge_against_a_live_server(secured):
     api, _ = secured
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = checkout_env()
     env.pop("ONEBIT_API_KEY", None)
     params = StdioServerParameters(command=sys.executable, env=env, cwd=ROOT,
                                    args=["-m", "onebit.cli", "mcp", "--url", api.url, "--api-key", "sekret"])
@@ -439,7 +438,7 @@ def test_http_bridge_answers_like_the_engine_and_reports_an_unreachable_server(l
 
 def test_serve_command_serves_mcp_with_the_api_key(tmp_path):
     port, mcp_port = free_port(), free_port()
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = checkout_env()
     p = subprocess.Popen([sys.executable, "-m", "onebit.cli", "serve", MODEL, "--port", str(port), "--mcp-port",
                           str(mcp_port), "--api-key", "k1", "--ctx", "256"], env=env, stderr=subprocess.PIPE, text=True)
     try:

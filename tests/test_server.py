@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import onebit  # noqa: E402
 from onebit.engine import Engine  # noqa: E402
 from onebit.kernels.timing import load_timed  # noqa: E402
 from onebit.server import ServerSettings, create_app  # noqa: E402
+from subprocess_env import checkout_env  # noqa: E402
 
 MODEL = "tiny-random"
 LETTERS = {str(i): 100 for i in range(ord("a"), ord("z") + 1)}  # forces ASCII text that re-tokenizes exactly
@@ -494,8 +494,7 @@ def test_serve_command_starts_and_serves(tmp_path):
         port = s.getsockname()[1]
     keyfile = tmp_path / "keys"
     keyfile.write_text("k1\n")
-    path = [os.getcwd(), os.environ.get("PYTHONPATH", "")]  # the checkout first, the caller's path kept
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
+    env = checkout_env()
     p = subprocess.Popen([sys.executable, "-m", "onebit.cli", "serve", MODEL, "--port", str(port), "--api-key-file",
                           str(keyfile), "--ctx", "256"], env=env, stderr=subprocess.PIPE, text=True)
     try:
