@@ -275,12 +275,13 @@ class TritonCudaBackend:
         step that consumes token t is queued before t reaches the host, its input taken from the last step's
         argmax on the device, so the host's work per token overlaps the GPU's. None (the caller decodes step by
         step) when the fused step cannot run this model or another chain is open."""
-        if self._plan(net) is None or not isinstance(cache, CudaKVCache):
+        plan = self._plan(net)
+        if plan is None or not isinstance(cache, CudaKVCache):
             return None
         key = (id(net), "chain")  # its own step: the batch steps' keys / buffers are never in between
         step = self._steps.get(key)
         if step is None:
-            step = self._steps[key] = DecodeStep(self, net, self._plan(net), 1)
+            step = self._steps[key] = DecodeStep(self, net, plan, 1)
         if step.busy:
             return None
         return _GreedyChain(step, int(token), cache, max_steps)
@@ -329,7 +330,7 @@ class _GreedyChain:
             self.pending = self._launch(token)
 
     def _launch(self, token: int):
-        h = self.step.launch(np.array([token]), [Segment(self.cache, self.pos, 1)])
+        h = self.step.launch(np.array([token]), [Segment(self.cache, self.pos, 1)], greedy=True)
         self.pos += 1
         self.left -= 1
         return h
@@ -434,11 +435,12 @@ class DecodeStep:
         """One step, waited for: float32 logits [n, vocab] or, with ``greedy``, the argmax tokens int64 [n]."""
         return self.collect(self.launch(ids, segments, greedy))
 
-    def launch(self, ids: np.ndarray, segments, greedy: bool = True) -> tuple[int, int, bool]:
+    def launch(self, ids: np.ndarray, segments, greedy: bool) -> tuple[int, int, bool]:
         """Queue one step (tables, graph, the result's copy to the host) and return without waiting: a handle
         for ``collect``. An id of -1 feeds the row the argmax token the last step of this object picked for
         the same row (it never reaches the host: a chain of greedy steps runs without the host in between).
-        The next launch may be queued before this one is collected (two staging buffers take turns)."""
+        A greedy launch may be queued before the last one is collected (two staging buffers and two host key
+        buffers take turns); the logits have one host buffer, so a step that returns them is collected first."""
         n = len(segments)
         for s in segments:
             if not isinstance(s.cache, CudaKVCache) or s.cache.kv.dtype != self.pad.kv.dtype:
