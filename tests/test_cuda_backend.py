@@ -132,8 +132,9 @@ def test_matmul_rejects_epilogues_that_do_not_combine(m):
 @pytest.mark.parametrize("tile", [True, False])
 def test_fused_prologue_and_epilogues_equal_the_separate_kernels(m, first, tile, monkeypatch):
     """RMSNorm + quantization in the matmul's prologue (or, for gemvs of many programs, in norm_quant first),
-    residual add and gated activation in its epilogue give exactly what norm_quant + matmul + torch ops give,
-    with the gemv's whole-tile dot product and the chunked one."""
+    residual add and gated activation in its epilogue, and the next linear's norm + quantization of the residual
+    rows (next_norm) give exactly what norm_quant + matmul + torch ops give, with the gemv's whole-tile dot
+    product and the chunked one."""
     monkeypatch.setattr(K, "PROLOGUE_PROGRAMS_PER_SM", 0 if first else 1 << 30)
     monkeypatch.setattr(K, "PROLOGUE_MAX_TOKENS", 0 if first else K.GEMV_MAX_TOKENS)
     monkeypatch.setattr(K, "GEMV_TILE_WORDS", 1024 if tile else 0)
@@ -150,6 +151,15 @@ def test_fused_prologue_and_epilogues_equal_the_separate_kernels(m, first, tile,
     res = dev(x).clone()
     K.matmul(dev(x), w, norm=nw, eps=1e-5, quant=True, out=res, residual=True)
     torch.testing.assert_close(res, dev(x) + sep, rtol=0, atol=0)
+    nw2 = dev(rng().uniform(0.5, 1.5, k).astype(np.float32))
+    for _ in range(2):  # the next norm by the gemv's last program; again: its counter was reset for the next launch
+        res2, nq = dev(x).clone(), torch.zeros((m, k), dtype=torch.int8, device=DEVICE)
+        ns = dev(np.zeros(m, np.float32))
+        K.matmul(dev(x), w, norm=nw, eps=1e-5, quant=True, out=res2, residual=True, next_norm=(nw2, 1e-6, nq, ns))
+        want_q, want_s = K.norm_quant(res, nw2, 1e-6)
+        torch.testing.assert_close(res2, res, rtol=0, atol=0)
+        torch.testing.assert_close(nq, want_q, rtol=0, atol=0)
+        torch.testing.assert_close(ns, want_s, rtol=0, atol=0)
     for act in (K.ACT_RELU2, K.ACT_SILU):
         y = K.matmul(q, gu, sx=s)
         g, u = y[:, :inter], y[:, inter:]

@@ -7,10 +7,11 @@ Two paths:
   quantization), so a ternary linear is one kernel for one token (``kernels.PROLOGUE_*``: a gemv of many
   programs, 2-4 tokens and more go through a norm + quantization kernel first; more than ``GEMV_MAX_TOKENS``
   then take the tensor-core GEMM);
-- ``decode_batch`` (every sequence adds one token): at one token seven kernels per layer (q/k/v matmul with
+- ``decode_batch`` (every sequence adds one token): at one token six kernels per layer (q/k/v matmul with
   RMSNorm + quantization prologue and RoPE + KV-append epilogue; split-KV attention; merge; o matmul with
-  sub-norm + quantization prologue and residual epilogue; norm + quantization, then the gate/up matmul on int8
-  with the gated activation; down matmul with sub-norm + quantization prologue and residual epilogue),
+  sub-norm + quantization prologue and residual epilogue, whose last program also normalizes and quantizes the
+  residual rows for gate/up (``kernels.FOLD_NORM``; up to ``GEMV_MAX_TOKENS`` sequences); the gate/up matmul
+  on int8 with the gated activation; down matmul with sub-norm + quantization prologue and residual epilogue),
   replayed from a CUDA graph captured once per (model, batch bucket), each kernel launched while the previous
   one runs (programmatic dependent launch, ``kernels.PDL``). Sequences find their KV caches through a table of
   addresses in the graph's static inputs, so any mix of sequences and lengths replays the same graph.
@@ -23,6 +24,11 @@ product, the epilogue's loads and stores, then the release) lasted as long as th
 counters' waits came on top; spinning on plain loads instead of atomics let the compiler move the data loads
 before the wait (wrong results). Nor a tensor-core-free ``tl.dot`` in split-KV attention (float32 "ieee"):
 1127 / 1976 / 3968 us at 64 / 1024 / 4096 tokens against 1049 / 1245 / 1707 with the CUDA-core broadcasts.
+Nor the last split of each (sequence, kv head) merging the partials in the attention kernel (a counter like
+FOLD_NORM's, no merge kernel): 1284 / 1543 us at 64 / 1024 against 1054 / 1249, as that program's four serial
+merges (each two cross-warp reductions and a load from L2) outlast the merge kernel's 20 parallel programs. Nor
+the gemv's whole tile cut into two power-of-two parts (320 words as 256 + 64, not 512 with 192 of padding): a
+step took 1053 / 1248 us against 1054 / 1249, so the padding's arithmetic is off the critical path.
 """
 
 from __future__ import annotations
@@ -419,6 +425,10 @@ class DecodeStep:
         self.pad = backend.make_cache(cfg.num_hidden_layers, self.hkv, self.d, 1)  # where padding rows write
         self.x = torch.zeros((bucket, cfg.hidden_size), dtype=torch.float32, device=dev)
         self.q = torch.zeros((bucket, self.hq * self.d), dtype=torch.float32, device=dev)
+        # the o gemv's last program normalizes + quantizes the residual rows for gate/up (int8 rows, scales)
+        self.fold_norm = self.act8 and bucket <= K.GEMV_MAX_TOKENS and K.FOLD_NORM
+        self.xq = torch.zeros((bucket, cfg.hidden_size), dtype=torch.int8, device=dev)
+        self.xs = torch.zeros((bucket,), dtype=torch.float32, device=dev)
         self.scratch: dict = {}
         self.kv_f32 = self.pad.kv.dtype == torch.float32
         self.keys = K.new_argmax_keys(bucket, dev)  # each row's argmax (reset by the embedding kernel)
@@ -520,8 +530,13 @@ class DecodeStep:
                               self.kv_f32)
             a = K.decode_attention_tables(q3, self.base, maxlen, lengths, i, self.hkv, self.splits,
                                           scratch=self.scratch, kv_f32=self.kv_f32, early=True)
-            K.matmul(a, p.o, norm=p.attn_sub_norm, eps=eps, quant=self.act8, out=x, residual=True)
-            m = K.matmul(x, p.gate_up, norm=p.post_norm, eps=eps, quant=self.act8, glu=p.act)
+            if self.fold_norm:
+                K.matmul(a, p.o, norm=p.attn_sub_norm, eps=eps, quant=True, out=x, residual=True,
+                         next_norm=(p.post_norm, eps, self.xq, self.xs))
+                m = K.matmul(self.xq, p.gate_up, sx=self.xs, glu=p.act)
+            else:
+                K.matmul(a, p.o, norm=p.attn_sub_norm, eps=eps, quant=self.act8, out=x, residual=True)
+                m = K.matmul(x, p.gate_up, norm=p.post_norm, eps=eps, quant=self.act8, glu=p.act)
             K.matmul(m, p.down, norm=p.ffn_sub_norm, eps=eps, quant=self.act8, out=x, residual=True)
         head = be._int8_head(net.lm_head) if be.lm_head == "int8" else net.lm_head.matrix
         return K.matmul(x, head, norm=net.norm.weight, eps=float(net.norm.eps), quant=be.lm_head == "int8",

@@ -9,6 +9,10 @@ Portable Triton only (no inline assembly), so Triton's AMD backend can compile t
 - int8 activations: per-token absmax, ``s = 127 / max(|x|, 1e-5)``, ``q = round_half_even(x s)`` clamped to
   [-128, 127], exactly ``numpy_ref.act_quant``. Dot products accumulate in int32 (integer-exact against the
   reference: ``sum((code - 1) q) = sum(code q) - sum(q)``) and one float rescale ``acc / s * scale`` follows.
+  The scale s and the norm's mean are ``tl.div_rn``: Triton's float32 ``/`` is ``div.full.f32`` on NVIDIA (up to 2
+  ulp off), and an ulp in s moves a rounding tie of the quantization. Per element (x / rstd, acc / s) it stays
+  ``/``, whose ulps fall under every bar: ``div_rn`` in every division made a bitnet-2b4t decode step 1054 ->
+  1399 us (H200); in s and the mean alone it costs ~4 us.
 - KV caches are float16 ``[layers, 2, max_len, Hkv, D]`` per sequence; batched decode kernels find each
   sequence's cache through a table of base addresses, so one CUDA graph serves any set of sequences.
 
@@ -78,27 +82,29 @@ def _after_producers(GDC: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(x_ptr, nw_ptr, m, K, eps, NORM: tl.constexpr, QUANT: tl.constexpr, BK: tl.constexpr):
+def _row_stats(x_ptr, nw_ptr, m, K, eps, NORM: tl.constexpr, QUANT: tl.constexpr, BK: tl.constexpr,
+               CM: tl.constexpr):
     """For row m of x [M, K]: (den, s) with den = sqrt(mean(x^2) + eps) (1 without NORM) and the int8 scale
-    s = 127 / max(|y|, 1e-5) of y = (x / den) * w (1 without QUANT), the reference's order of operations."""
+    s = 127 / max(|y|, 1e-5) of y = (x / den) * w (1 without QUANT), the reference's order of operations.
+    CM: the cache modifier of x's loads (see _prep_row)."""
     offs = tl.arange(0, BK)
     rstd = 1.0
     if NORM:
         acc = tl.zeros([BK], dtype=tl.float32)
         for k0 in range(0, K, BK):
-            x = tl.load(x_ptr + m * K + k0 + offs, mask=k0 + offs < K, other=0.0)
+            x = tl.load(x_ptr + m * K + k0 + offs, mask=k0 + offs < K, other=0.0, cache_modifier=CM)
             acc += x * x
-        rstd = tl.sqrt_rn(tl.sum(acc, 0) / K + eps)
+        rstd = tl.sqrt_rn(tl.div_rn(tl.sum(acc, 0), K + 0.0) + eps)
     s = 1.0
     if QUANT:
         amax = tl.zeros([BK], dtype=tl.float32)
         for k0 in range(0, K, BK):
             mask = k0 + offs < K
-            y = tl.load(x_ptr + m * K + k0 + offs, mask=mask, other=0.0)
+            y = tl.load(x_ptr + m * K + k0 + offs, mask=mask, other=0.0, cache_modifier=CM)
             if NORM:
                 y = (y / rstd) * tl.load(nw_ptr + k0 + offs, mask=mask, other=0.0)
             amax = tl.maximum(amax, tl.abs(y))
-        s = 127.0 / tl.maximum(tl.max(amax, 0), 1e-5)
+        s = tl.div_rn(127.0, tl.maximum(tl.max(amax, 0), 1e-5))
     return rstd, s
 
 
@@ -116,29 +122,30 @@ def _norm_weight(nw_ptr, K, NORM: tl.constexpr, BK: tl.constexpr, ONE: tl.conste
 
 @triton.jit
 def _prep_row(x_ptr, nw_ptr, nwv, q_ptr, y_ptr, m, K, eps, NORM: tl.constexpr, QUANT: tl.constexpr,
-              BK: tl.constexpr, ONE: tl.constexpr):
+              BK: tl.constexpr, ONE: tl.constexpr, CM: tl.constexpr):
     """Row m of x [M, K]: y = rmsnorm(x) (NORM), then with QUANT q = int8(y) into q_ptr [M, K] (returns s),
     without it y into y_ptr. ONE: the row is one BK block (read once, kept in registers; nwv is the norm weight
-    from _norm_weight); else three passes."""
+    from _norm_weight); else three passes. CM: the cache modifier of x's loads ("", or ".cg", past L1, for a
+    row that other programs of the same kernel wrote)."""
     offs = tl.arange(0, BK)
     s = 1.0
     if ONE:
         mask = offs < K
-        y = tl.load(x_ptr + m * K + offs, mask=mask, other=0.0)
+        y = tl.load(x_ptr + m * K + offs, mask=mask, other=0.0, cache_modifier=CM)
         if NORM:
-            rstd = tl.sqrt_rn(tl.sum(y * y, 0) / K + eps)
+            rstd = tl.sqrt_rn(tl.div_rn(tl.sum(y * y, 0), K + 0.0) + eps)
             y = (y / rstd) * nwv
         if QUANT:
-            s = 127.0 / tl.maximum(tl.max(tl.abs(y), 0), 1e-5)
+            s = tl.div_rn(127.0, tl.maximum(tl.max(tl.abs(y), 0), 1e-5))
             q = tl.minimum(tl.maximum(_round_half_even(y * s), -128.0), 127.0)
             tl.store(q_ptr + m * K + offs, q.to(tl.int8), mask=mask)
         else:
             tl.store(y_ptr + m * K + offs, y, mask=mask)
     else:
-        rstd, s = _row_stats(x_ptr, nw_ptr, m, K, eps, NORM, QUANT, BK)
+        rstd, s = _row_stats(x_ptr, nw_ptr, m, K, eps, NORM, QUANT, BK, CM)
         for k0 in range(0, K, BK):
             mask = k0 + offs < K
-            y = tl.load(x_ptr + m * K + k0 + offs, mask=mask, other=0.0)
+            y = tl.load(x_ptr + m * K + k0 + offs, mask=mask, other=0.0, cache_modifier=CM)
             if NORM:
                 y = (y / rstd) * tl.load(nw_ptr + k0 + offs, mask=mask, other=0.0)
             if QUANT:
@@ -157,7 +164,7 @@ def _norm_quant_kernel(x_ptr, nw_ptr, q_ptr, s_ptr, y_ptr, K, eps,
     nwv = _norm_weight(nw_ptr, K, NORM, BK, ONE)
     _after_producers(GDC)
     m = tl.program_id(0)
-    s = _prep_row(x_ptr, nw_ptr, nwv, q_ptr, y_ptr, m, K, eps, NORM, QUANT, BK, ONE)
+    s = _prep_row(x_ptr, nw_ptr, nwv, q_ptr, y_ptr, m, K, eps, NORM, QUANT, BK, ONE, "")
     if QUANT:
         tl.store(s_ptr + m, s)
 
@@ -373,11 +380,14 @@ def _chunked_dot(xrow, wbase, sc_ptr, s, sca, scb, ra, rb, ma, mb, jb, pl, N, NS
 def _tgemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, scq_ptr, scf_ptr, ss_ptr, M, N, NP, P, NSEG, eps,
                   # EPI_QKV: q out, RoPE tables, positions, cache tables
                   q_out_ptr, cos_ptr, sin_ptr, pos_ptr, base_ptr, maxlen_ptr, layer, HQ, HKV,
+                  # NEXT: the next norm's weight, its int8 rows and scales out, the programs' counter, its eps
+                  nx_nw_ptr, nx_q_ptr, nx_s_ptr, cnt_ptr, nx_eps,
                   KIN: tl.constexpr, KWT: tl.constexpr, GW: tl.constexpr, GS: tl.constexpr, GLIM: tl.constexpr,
                   C: tl.constexpr, MASKK: tl.constexpr, XQ: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr,
                   EPI: tl.constexpr, ACT: tl.constexpr, HALF_D: tl.constexpr, KVF32: tl.constexpr,
                   BP: tl.constexpr, BKW: tl.constexpr, BK: tl.constexpr, ONE: tl.constexpr, GSP: tl.constexpr,
-                  TILE: tl.constexpr, KWP: tl.constexpr, EARLY: tl.constexpr, GDC: tl.constexpr):
+                  TILE: tl.constexpr, KWP: tl.constexpr, EARLY: tl.constexpr, NEXT: tl.constexpr,
+                  NBK: tl.constexpr, NONE: tl.constexpr, GDC: tl.constexpr):
     """Ternary GEMV for M <= GEMV_MAX_TOKENS tokens; program = one tile of BP row pairs (see ``TernaryLayout``).
 
     Prologue (x float, NORM and/or QUANT): every program normalizes and quantizes the M rows once, in a 1-D
@@ -398,7 +408,12 @@ def _tgemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, scq_ptr, scf_pt
     (RoPE at pos[m]) into q_out, k heads rotated and v heads copied into each sequence's cache. EARLY (the
     decode step's tables were written before its first kernel): the first token's positions, RoPE rows and
     cache entries are read before the wait. The norm weight is read before it always, the first token's
-    residual row right after it, so neither load waits behind the dot product."""
+    residual row right after it, so neither load waits behind the dot product.
+
+    NEXT (EPI_RESIDUAL): the next linear's RMSNorm + int8 quantization of the updated rows out[m] (N wide; NBK /
+    NONE as BK / ONE) into nx_q_ptr [M, N] and nx_s_ptr [M], instead of a kernel of its own. Each program counts
+    itself at cnt_ptr once its rows are stored (a release); the last to count (an acquire: it sees every row)
+    does the norm and resets the counter to 0 for the next launch."""
     INT: tl.constexpr = XQ or QUANT
     PREP: tl.constexpr = (not XQ) and (NORM or QUANT)
     NCG: tl.constexpr = GW // BKW
@@ -429,7 +444,7 @@ def _tgemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, scq_ptr, scf_pt
         old_b = tl.load(out_ptr + rb, mask=mb, other=0.0)
     if PREP:
         for mi in range(M):
-            s_m = _prep_row(x_ptr, nw_ptr, nwv, scq_ptr, scf_ptr, mi, KIN, eps, NORM, QUANT, BK, ONE)
+            s_m = _prep_row(x_ptr, nw_ptr, nwv, scq_ptr, scf_ptr, mi, KIN, eps, NORM, QUANT, BK, ONE, "")
             if QUANT:
                 tl.store(ss_ptr + mi, s_m)
         tl.debug_barrier()  # the scratch rows written above are read below by other threads of this program
@@ -479,6 +494,14 @@ def _tgemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, scq_ptr, scf_pt
                                                               maxlen_ptr, d_h, HQ, HKV, HALF_D)
             _rope_store_head(ya, yb, d_h, head, mi, t_pos, t_c, t_s, t_base, t_len, q_out_ptr, layer, HQ, HKV,
                              HALF_D, KVF32)
+    if NEXT:
+        tl.debug_barrier()  # every thread's rows are stored before the count releases them
+        if tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
+            tl.store(cnt_ptr, 0)
+            nx_nwv = _norm_weight(nx_nw_ptr, N, True, NBK, NONE)
+            for mi in range(M):
+                tl.store(nx_s_ptr + mi, _prep_row(out_ptr, nx_nw_ptr, nx_nwv, nx_q_ptr, out_ptr, mi, N, nx_eps, True,
+                                                  True, NBK, NONE, ".cg"))
 
 
 @triton.jit
@@ -811,6 +834,9 @@ PROLOGUE_MAX_TOKENS = 1
 # A gemv of int8 products with one column group and at most this many words per pair (rounded up to a power of
 # two) loads its whole tile at once, before waiting for its producers (``_tgemv_kernel``'s TILE); 0: never.
 GEMV_TILE_WORDS = 1024
+# The decode step's o gemv (one to GEMV_MAX_TOKENS tokens, int8 activations): its last program normalizes and
+# quantizes the residual rows for gate/up (``matmul``'s next_norm), no norm + quantization kernel of its own.
+FOLD_NORM = os.environ.get("ONEBIT_FOLD_NORM", "1") != "0"
 # Programmatic dependent launch (CUDA, compute capability >= 9): each kernel of a step is launched while the
 # previous one runs and waits for it in ``_after_producers``. ONEBIT_PDL=0 turns it off.
 PDL = os.environ.get("ONEBIT_PDL", "1") != "0"
@@ -821,6 +847,7 @@ PDL = os.environ.get("ONEBIT_PDL", "1") != "0"
 EARLY_TABLES = True
 _DUMMY: dict = {}
 _SCRATCH: dict = {}
+_COUNTER: dict = {}
 
 
 def _dummy(device) -> torch.Tensor:
@@ -828,6 +855,15 @@ def _dummy(device) -> torch.Tensor:
     if key not in _DUMMY:
         _DUMMY[key] = torch.zeros(16, dtype=torch.float32, device=device)
     return _DUMMY[key]
+
+
+def _counter(device) -> torch.Tensor:
+    """The int32 counter of a gemv's programs (NEXT): zero between launches (its last program resets it); the
+    kernels that use it run one after another on the stream, each after the last has finished."""
+    key = str(device)
+    if key not in _COUNTER:
+        _COUNTER[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _COUNTER[key]
 
 
 def _scratch(device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -1006,7 +1042,8 @@ def _glu_torch(y: torch.Tensor, act: int, out: torch.Tensor | None) -> torch.Ten
 
 def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor | None = None, eps: float = 0.0,
            quant: bool = False, out: torch.Tensor | None = None, residual: bool = False,
-           glu: int | None = None, qkv: dict | None = None, argmax: torch.Tensor | None = None) -> torch.Tensor:
+           glu: int | None = None, qkv: dict | None = None, argmax: torch.Tensor | None = None,
+           next_norm: tuple | None = None) -> torch.Tensor:
     """y = x @ W.T (scaled), x float32 [M, K] (or int8 with its scales ``sx``).
 
     ``norm``: RMSNorm x first (its weight); ``quant``: then quantize per token to int8 (fused into the ternary
@@ -1016,7 +1053,9 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
     ``early``: the tables may be read before the wait, as in ``decode_attention_tables``). ``argmax`` (a dense
     W, int64 [M] keys from ``new_argmax_keys`` or reset by ``embed``): each token's argmax column is folded into
     its key as the logits are stored (``argmax_from_keys`` reads them), so a greedy step need not move the
-    logits."""
+    logits. ``next_norm`` (with ``residual``): (weight, eps, q int8 [M, N], s float32 [M]): the updated rows of
+    ``out`` RMSNormed and quantized for the next linear into q / s, by the gemv's last program (no kernel of
+    its own; a separate kernel on the other paths)."""
     m = x.shape[0]
     dev = x.device
     d = _dummy(dev)
@@ -1031,6 +1070,14 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
         raise ValueError("residual=True adds into out: pass it")
     if argmax is not None and (w.kind == W_TERNARY or glu is not None or residual or argmax.shape[0] < m):
         raise ValueError("argmax keys are for a dense matrix's plain output, one key per token")
+    if next_norm is not None and not residual:
+        raise ValueError("next_norm normalizes the rows a residual add updated: pass residual=True")
+    if next_norm is not None and not gemv:  # the norm + quantization as a kernel of its own
+        y = matmul(x, w, sx=sx, norm=norm, eps=eps, quant=quant, out=out, residual=True)
+        nq, ns = norm_quant(y, next_norm[0], next_norm[1])
+        next_norm[2].copy_(nq)
+        next_norm[3].copy_(ns)
+        return y
     # a gemv of many programs per SM, or of several tokens, quantizes once first (see PROLOGUE_PROGRAMS_PER_SM)
     once = gemv and not xq and quant and (m > PROLOGUE_MAX_TOKENS
                                           or w.layout.tiles > PROLOGUE_PROGRAMS_PER_SM * sm_count(dev))
@@ -1040,7 +1087,7 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
     if w.kind == W_TERNARY:
         lay = w.layout
         if gemv:
-            return _ternary_gemv(x, w, lay, m, xq, sx, norm, eps, quant, out, residual, glu, qkv, n_out)
+            return _ternary_gemv(x, w, lay, m, xq, sx, norm, eps, quant, out, residual, glu, qkv, n_out, next_norm)
         y = out if (residual and glu is None) else torch.empty((m, w.n), dtype=torch.float32, device=dev)
         bm = 64 if m > 32 else 32 if m > 16 else 16
         pairs = 16 if m > 16 else 32  # H200, per layer at 16 / 64 / 512 tokens: 70 / 157 / 539 us with 32 pairs,
@@ -1072,7 +1119,7 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
 
 
 def _ternary_gemv(x, w: Matrix, lay: TernaryLayout, m: int, xq: bool, sx, norm, eps: float, quant: bool, out,
-                  residual: bool, glu, qkv, n_out: int) -> torch.Tensor:
+                  residual: bool, glu, qkv, n_out: int, next_norm: tuple | None = None) -> torch.Tensor:
     dev = x.device
     d = _dummy(dev)
     epi = EPI_QKV if qkv is not None else EPI_GLU if glu is not None else EPI_RESIDUAL if residual else EPI_STORE
@@ -1086,17 +1133,22 @@ def _ternary_gemv(x, w: Matrix, lay: TernaryLayout, m: int, xq: bool, sx, norm, 
     scq, scf, ss = _scratch(dev)
     bk, one = _prep_block(w.k)
     q = qkv or {}
+    nx = next_norm or (d, 0.0, d, d)
+    nbk, none = _prep_block(w.n)
     kwp = _pow2(lay.kwt)
     tile = (xq or quant) and w.c == 1 and kwp <= GEMV_TILE_WORDS
     _tgemv_kernel[(lay.tiles,)](
         x, sx if xq else d, norm if norm is not None else d, w.data, w.scales, out, scq, scf, ss, m, w.n, lay.np,
         lay.pair, lay.nseg, eps, q.get("q_out", d), q.get("cos", d), q.get("sin", d), q.get("pos", d),
         q.get("base", d), q.get("maxlen", d), q.get("layer", 0), q.get("hq", 1), q.get("hkv", 1),
+        nx[0], nx[2], nx[3], _counter(dev), float(nx[1]),
         KIN=w.k, KWT=lay.kwt, GW=lay.gw, GS=lay.gs, GLIM=lay.glim, C=w.c, MASKK=lay.maskk, XQ=xq,
-        NORM=norm is not None, QUANT=quant and not xq, EPI=epi, ACT=glu or 0, HALF_D=max(1, q.get("head_dim", 2) // 2),
-        KVF32=q.get("kv_f32", False), BP=PAIR_TILE, BKW=lay.bkw, BK=bk, ONE=one, GSP=_pow2(lay.gs),
-        TILE=tile, KWP=kwp, EARLY=bool(q.get("early")) and EARLY_TABLES,
-        num_warps=GEMV_XQ_WARPS if xq and lay.kwt <= 512 else GEMV_WARPS, **_pdl(dev))
+        NORM=norm is not None, QUANT=quant and not xq, EPI=epi, ACT=glu or 0,
+        HALF_D=max(1, q.get("head_dim", 2) // 2), KVF32=q.get("kv_f32", False), BP=PAIR_TILE, BKW=lay.bkw, BK=bk,
+        ONE=one, GSP=_pow2(lay.gs), TILE=tile, KWP=kwp, EARLY=bool(q.get("early")) and EARLY_TABLES,
+        NEXT=next_norm is not None, NBK=nbk, NONE=none,
+        # NEXT: norm_quant's warps (the same reduction tree: the same bits)
+        num_warps=GEMV_XQ_WARPS if xq and lay.kwt <= 512 and next_norm is None else GEMV_WARPS, **_pdl(dev))
     return out
 
 
