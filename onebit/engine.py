@@ -6,6 +6,9 @@ next token of every decoding sequence and prefill chunks of newly admitted promp
 prompt tokens per step, so a long prompt never stalls the others for long) into ONE ``forward_batch`` call,
 which reads each weight once for all of them. The model step runs on the worker thread (the cpu backend's
 kernels release the GIL, NumPy mostly does), and chunks reach the loop through ``call_soon_threadsafe``.
+A greedy sequence decoding alone (nothing prefilling or waiting) takes its tokens from the model's
+``greedy_decode`` instead: a backend with chains (cuda) queues the step that consumes a token before the token
+reaches the host, so this thread's work per token overlaps the GPU's next step (``Engine.chain``).
 
 ``n > 1``: the prompt is prefilled once; the other choices get a copy of its KV and their own sampler
 (seed + index). Cancelling (a client that went away) frees the request's slots at the next step; the session
@@ -317,6 +320,10 @@ class Engine:
         self._jobs: dict[str, _Job] = {}
         self._active: list[_Seq] = []  # sequences with a cache (prefilling, decoding or tail)
         self._prefilling: list[_Job] = []
+        # one greedy sequence alone decodes through the model's greedy_decode (a backend that can keeps the next
+        # step queued while the host handles this one's token): [sequence, token iterator, its last token]
+        self.chain = True
+        self._chain: list | None = None
         self._outbox: dict[Stream, list] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -536,6 +543,8 @@ class Engine:
 
     # -- one step ------------------------------------------------------------------------------------------
     def _step(self) -> None:
+        if self._chain_step():
+            return
         items, owners = [], []
         for seq in self._active:
             if seq.feed is not None:
@@ -579,6 +588,45 @@ class Engine:
                     self._prefilled(owner, lg[-1])
         self.recent.append((time.monotonic(), time.perf_counter() - t0, self.prefill_chunk - budget,
                             self.tokens_generated - generated))
+
+    def _chain_step(self) -> bool:
+        """One token of a greedy sequence decoding alone, from its chain (opened here, closed when anything else
+        needs a step); False when the step is not for a chain."""
+        seq = self._active[0] if len(self._active) == 1 and not (self._prefilling or self._waiting) else None
+        alone = (self.chain and seq is not None and seq.feed is not None and not seq.tail and seq.sampler.greedy
+                 and seq.job.req.logprobs is None and not seq.job.cancelled)
+        chain = self._chain
+        if chain is not None and not (alone and chain[0] is seq and [chain[2]] == seq.feed):
+            self._close_chain()
+            chain = None
+        if not alone:
+            return False
+        t0, generated = time.perf_counter(), self.tokens_generated
+        if chain is None:
+            steps = self.model.net.greedy_decode(seq.feed[0], seq.cache, seq.job.max_tokens - len(seq.generated))
+            chain = self._chain = [seq, steps, None]
+        try:
+            token = next(chain[1])
+        except StopIteration:  # the chain ran out (a full cache): the plain step says what happens next
+            self._close_chain()
+            return False
+        except Exception as e:  # noqa: BLE001 - fail this request, keep serving
+            log.exception("model step failed")
+            self._close_chain()
+            self._fail(seq.job, e)
+            return True
+        chain[2] = int(token)
+        self.steps += 1
+        self._after_feed(seq, token=int(token))
+        self.recent.append((time.monotonic(), time.perf_counter() - t0, 0, self.tokens_generated - generated))
+        return True
+
+    def _close_chain(self) -> None:
+        """Close the open chain: a step it queued past the tokens taken is dropped (the cache holds exactly what
+        the taken tokens needed)."""
+        chain, self._chain = self._chain, None
+        if chain is not None:
+            chain[1].close()
 
     def _prefilled(self, job: _Job, logits: np.ndarray) -> None:
         """The prompt is in the leader's cache: fork the other choices, then sample every choice."""
@@ -670,6 +718,8 @@ class Engine:
         """Give the sequence's cache back: the leader's to the session store, the others' freed."""
         if seq not in self._active:
             return
+        if self._chain is not None and self._chain[0] is seq:
+            self._close_chain()
         self._active.remove(seq)
         job = seq.job
         if seq.index == 0:
@@ -715,6 +765,7 @@ class Engine:
 
     def _shutdown(self) -> None:
         err = EngineError("the server is shutting down")
+        self._close_chain()
         while True:  # requests submitted after the stop message
             try:
                 kind, arg = self._inbox.get_nowait()

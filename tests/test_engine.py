@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -42,6 +43,13 @@ async def run(engine, ids, **kw):
     return [texts[i] for i in sorted(texts)], usage
 
 
+def until(ready, timeout: float = 10.0) -> None:
+    """Wait for the engine's worker to reach a state (checked every 10 ms)."""
+    end = time.monotonic() + timeout
+    while not ready() and time.monotonic() < end:
+        time.sleep(0.01)
+
+
 def fresh(model, ids, max_tokens, **kw):
     return "".join(model.generate(list(ids), max_tokens=max_tokens, temperature=0, **kw))
 
@@ -60,20 +68,90 @@ def test_batched_greedy_equals_fresh_generation(engine, model):
 
 
 def test_greedy_steps_take_the_argmax_from_the_model_and_match_the_sampled_path(engine, model, monkeypatch):
-    """Decode-only steps of greedy choices without logprobs ask the model for argmax tokens (decode_greedy);
-    a request with logprobs samples on the host from the logits; both give the same text."""
-    calls, full = [], []
-    greedy, forward = model.net.decode_greedy, model.net.forward_batch
+    """Decode-only steps of greedy choices without logprobs ask the model for argmax tokens (decode_greedy, or
+    greedy_decode's chain for a sequence decoding alone); a request with logprobs samples on the host from the
+    logits; both give the same text."""
+    calls, full, chained = [], [], []
+    greedy, forward, chain = model.net.decode_greedy, model.net.forward_batch, model.net.greedy_decode
+
+    def counted(token, cache, max_steps=None):
+        for t in chain(token, cache, max_steps):
+            chained.append(t)
+            yield t
+
     monkeypatch.setattr(model.net, "decode_greedy", lambda items: calls.append(len(items)) or greedy(items))
     monkeypatch.setattr(model.net, "forward_batch", lambda items, **kw: full.append(len(items)) or forward(items, **kw))
+    monkeypatch.setattr(model.net, "greedy_decode", counted)
     prompt = model.tokenizer.encode("the greedy path")
     (plain,), _ = asyncio.run(run(engine, prompt, params=GREEDY, max_tokens=12))
-    assert len(calls) >= 11 and len(full) <= 2  # the prefill, then decode steps (the tail may come later)
-    calls.clear(), full.clear()
+    # the prefill, then a chain's argmax steps (on a backend without chains, each is decode_greedy)
+    assert len(chained) >= 11 and len(full) <= 2
+    calls.clear(), full.clear(), chained.clear()
     (logged,), _ = asyncio.run(run(engine, prompt, params=GREEDY, max_tokens=12, logprobs=2))
     # every decode step through the logits; decode_greedy only for tails (the token that ends a request is fed
     # once more so the session caches it, and nothing is sampled from that step)
-    assert len(full) >= 12 and len(calls) <= 2 and plain == logged == fresh(model, prompt, 12)
+    assert len(full) >= 12 and len(calls) <= 2 and not chained
+    monkeypatch.undo()
+    assert plain == logged == fresh(model, prompt, 12)
+
+
+def test_a_lone_greedy_sequence_decodes_through_one_chain(engine, model, monkeypatch):
+    """A greedy request decoding alone takes its tokens from the model's greedy_decode (the cuda backend keeps
+    a step queued ahead there), opened once after the prefill and closed when the request ends; requests
+    arriving meanwhile close it and all decode in batched steps. The text is always fresh generation's, and the
+    session's cache holds every token for the next turn."""
+    prompt = model.tokenizer.encode("a lone request")
+    others = [model.tokenizer.encode(f"another prompt {i}") for i in range(3)]
+    want = fresh(model, prompt, 12, stop_token_ids=[])  # (generate decodes through greedy_decode too)
+    want_long, want_others = fresh(model, prompt, 200, stop_token_ids=[]), [fresh(model, p, 8) for p in others]
+    opened, closed = [], []  # max_steps of each chain opened; tokens each chain gave before it closed
+    real = model.net.greedy_decode
+
+    def spy(token, cache, max_steps=None):
+        opened.append(max_steps)
+        n = 0
+        try:
+            for t in real(token, cache, max_steps):
+                n += 1
+                yield t
+        finally:
+            closed.append(n)
+
+    async def ids_of(ids, **kw):
+        got, usage = [], None
+        async for item in engine.submit(GenerationRequest(list(ids), params=GREEDY, **kw)):
+            if isinstance(item, Chunk):
+                got += item.token_ids
+            else:
+                usage = item
+        return got, usage
+
+    monkeypatch.setattr(model.net, "greedy_decode", spy)
+    ids, usage = asyncio.run(ids_of(prompt, max_tokens=12, session_id="lone", stop_token_ids=[]))
+    assert model.tokenizer.decode(ids) == want and usage.completion_tokens == len(ids) == 12
+    until(lambda: closed)  # the request ended; the worker closes the chain at its next step (the tail's)
+    assert opened == [11] and closed == [11]  # the prefill picked the first token, the chain the other 11
+    turn = prompt + ids + model.tokenizer.encode(" and then")
+    again, usage = asyncio.run(ids_of(turn, max_tokens=5, session_id="lone"))
+    assert usage.cached_tokens == len(prompt) + 12  # the chain's tokens are all in the session's cache
+    monkeypatch.undo()
+    assert model.tokenizer.decode(again) == fresh(model, turn, 5)
+    monkeypatch.setattr(model.net, "greedy_decode", spy)
+    opened.clear(), closed.clear()
+
+    async def staggered():
+        text, rest = "", None
+        async for item in engine.submit(GenerationRequest(list(prompt), GREEDY, max_tokens=200, stop_token_ids=[])):
+            if isinstance(item, Chunk):
+                text += item.text
+                if rest is None and len(closed) < len(opened):  # the chain is open: others arrive
+                    rest = asyncio.gather(*[run(engine, p, params=GREEDY, max_tokens=8) for p in others])
+        return text, await rest
+
+    long_text, rest = asyncio.run(staggered())
+    assert long_text == want_long and [r[0][0] for r in rest] == want_others
+    until(lambda: len(closed) == len(opened))
+    assert len(closed) == len(opened) >= 1 and closed[0] < opened[0]  # the arrivals closed the first chain early
 
 
 def test_n_choices_share_the_prompt(engine, model):
