@@ -243,6 +243,12 @@ class _Seq:
         self.feed: list[int] | None = None  # the token to run next step
         self.tail = False  # finished; the last token is fed once more so the cache holds all of it
 
+    @property
+    def argmax_only(self) -> bool:
+        """Its next token is the argmax and nothing else of the logits is used (greedy, no logprobs): the model
+        may pick it where the logits are (``decode_greedy`` / ``greedy_decode``)."""
+        return self.sampler.greedy and self.job.req.logprobs is None
+
     def sample(self, logits: np.ndarray, tokenizer) -> tuple[int, TokenLogprob | None]:
         p = self.sampler.params
         history = self.job.req.prompt_ids + self.generated if p.repetition_penalty != 1 else ()
@@ -321,9 +327,9 @@ class Engine:
         self._active: list[_Seq] = []  # sequences with a cache (prefilling, decoding or tail)
         self._prefilling: list[_Job] = []
         # one greedy sequence alone decodes through the model's greedy_decode (a backend that can keeps the next
-        # step queued while the host handles this one's token): [sequence, token iterator, its last token]
+        # step queued while the host handles this one's token): (sequence, token iterator)
         self.chain = True
-        self._chain: list | None = None
+        self._chain: tuple | None = None
         self._outbox: dict[Stream, list] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -564,8 +570,7 @@ class Engine:
             return
         # a decode-only step of greedy choices without logprobs (or tails, whose token is not used) asks the model
         # for the argmax tokens only: a backend that picks them on the device moves no logits
-        greedy = all(isinstance(o, _Seq) and (o.tail or (o.sampler.greedy and o.job.req.logprobs is None))
-                     for o in owners)
+        greedy = all(isinstance(o, _Seq) and (o.tail or o.argmax_only) for o in owners)
         try:
             if greedy:
                 tokens = self.model.net.decode_greedy(items)
@@ -593,20 +598,19 @@ class Engine:
         """One token of a greedy sequence decoding alone, from its chain (opened here, closed when anything else
         needs a step); False when the step is not for a chain."""
         seq = self._active[0] if len(self._active) == 1 and not (self._prefilling or self._waiting) else None
-        alone = (self.chain and seq is not None and seq.feed is not None and not seq.tail and seq.sampler.greedy
-                 and seq.job.req.logprobs is None and not seq.job.cancelled)
-        chain = self._chain
-        if chain is not None and not (alone and chain[0] is seq and [chain[2]] == seq.feed):
+        alone = (self.chain and seq is not None and seq.feed is not None and not seq.tail and seq.argmax_only
+                 and not seq.job.cancelled)
+        # an open chain serves its sequence while that decodes alone (then each token it yields is the next fed)
+        if self._chain is not None and not (alone and self._chain[0] is seq):
             self._close_chain()
-            chain = None
         if not alone:
             return False
         t0, generated = time.perf_counter(), self.tokens_generated
-        if chain is None:
-            steps = self.model.net.greedy_decode(seq.feed[0], seq.cache, seq.job.max_tokens - len(seq.generated))
-            chain = self._chain = [seq, steps, None]
+        if self._chain is None:
+            self._chain = (seq, self.model.net.greedy_decode(seq.feed[0], seq.cache,
+                                                             seq.job.max_tokens - len(seq.generated)))
         try:
-            token = next(chain[1])
+            token = next(self._chain[1])
         except StopIteration:  # the chain ran out (a full cache): the plain step says what happens next
             self._close_chain()
             return False
@@ -615,7 +619,6 @@ class Engine:
             self._close_chain()
             self._fail(seq.job, e)
             return True
-        chain[2] = int(token)
         self.steps += 1
         self._after_feed(seq, token=int(token))
         self.recent.append((time.monotonic(), time.perf_counter() - t0, 0, self.tokens_generated - generated))

@@ -166,26 +166,42 @@ class CausalLM:
         """ids int [T] appended to ``cache`` -> float32 logits [T, vocab] (NumPy)."""
         return self.forward_batch([(ids, cache)])[0]
 
+    @staticmethod
+    def _segments(items: list[tuple[Any, Any]]) -> tuple[list[Segment], list[np.ndarray]]:
+        """[(ids, cache), ...] -> (a segment at each cache's end, the ids as int64 blocks); ids past a cache's
+        size raise ValueError before anything runs."""
+        segments, id_blocks = [], []
+        for ids, cache in items:
+            ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+            if cache.length + ids.size > cache.max_len:
+                raise ValueError(f"context full: {cache.length} + {ids.size} tokens > {cache.max_len}")
+            segments.append(Segment(cache, cache.length, ids.size))
+            id_blocks.append(ids)
+        return segments, id_blocks
+
+    def _fused_step(self, id_blocks: list[np.ndarray], segments: list[Segment], greedy: bool = False):
+        """The backend's own one-token step (``decode_batch``, kernels/base.py) when every segment adds one token:
+        its logits (greedy: argmax tokens) with each cache advanced, or None (the per-op path runs instead)."""
+        decode = getattr(self.backend, "decode_batch", None)
+        if decode is None or any(s.n != 1 for s in segments):
+            return None
+        out = decode(self, np.concatenate(id_blocks), segments, greedy)
+        if out is not None:
+            for s in segments:
+                s.cache.length = s.start + 1
+        return out
+
     def decode_greedy(self, items: list[tuple[Any, Any]]) -> np.ndarray:
         """[(token, cache), ...], one new token per sequence -> int64 [B]: each sequence's next token by argmax
         (``sampling.greedy_tokens`` of the logits ``forward_batch`` gives). A backend whose one-token step can
         pick it where the logits are (``decode_batch(..., greedy=True)``) returns only the ids."""
-        segments, ids = [], []
-        for tok, cache in items:
-            tok = np.asarray(tok, dtype=np.int64).reshape(-1)
-            if tok.size != 1:
-                raise ValueError(f"decode_greedy takes one new token per sequence, got {tok.size}")
-            if cache.length + 1 > cache.max_len:
-                raise ValueError(f"context full: {cache.length} + 1 tokens > {cache.max_len}")
-            segments.append(Segment(cache, cache.length, 1))
-            ids.append(tok)
-        decode = getattr(self.backend, "decode_batch", None)
-        if decode is not None:
-            tokens = decode(self, np.concatenate(ids), segments, greedy=True)
-            if tokens is not None:
-                for s in segments:
-                    s.cache.length = s.start + 1
-                return tokens
+        segments, ids = self._segments(items)
+        for s in segments:
+            if s.n != 1:
+                raise ValueError(f"decode_greedy takes one new token per sequence, got {s.n}")
+        tokens = self._fused_step(ids, segments, greedy=True)
+        if tokens is not None:
+            return tokens
         return greedy_tokens(np.concatenate(self.forward_batch(items, last_only=True)))
 
     def greedy_decode(self, token: int, cache, max_steps: int | None = None) -> Iterator[int]:
@@ -209,20 +225,10 @@ class CausalLM:
     def forward_batch(self, items: list[tuple[Any, Any]], last_only: bool = False) -> list[np.ndarray]:
         """[(ids, cache), ...] -> per item float32 logits [T_i, vocab] (or [1, vocab] with last_only)."""
         b = self.backend
-        segments, id_blocks = [], []
-        for ids, cache in items:
-            ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-            if cache.length + ids.size > cache.max_len:
-                raise ValueError(f"context full: {cache.length} + {ids.size} tokens > {cache.max_len}")
-            segments.append(Segment(cache, cache.length, ids.size))
-            id_blocks.append(ids)
-        decode = getattr(b, "decode_batch", None)  # a backend's own one-token step (kernels/base.py)
-        if decode is not None and all(s.n == 1 for s in segments):
-            logits = decode(self, np.concatenate(id_blocks), segments)
-            if logits is not None:
-                for s in segments:
-                    s.cache.length = s.start + 1
-                return [logits[j:j + 1] for j in range(len(segments))]
+        segments, id_blocks = self._segments(items)
+        logits = self._fused_step(id_blocks, segments)
+        if logits is not None:
+            return [logits[j:j + 1] for j in range(len(segments))]
         x = b.embed(self.embed, np.concatenate(id_blocks))
         for i, layer in enumerate(self.layers):
             # with last_only the last layer keeps only each segment's last row after its K/V are cached: its
