@@ -427,8 +427,9 @@ class DecodeStep:
         self.q = torch.zeros((bucket, self.hq * self.d), dtype=torch.float32, device=dev)
         # the o gemv's last program normalizes + quantizes the residual rows for gate/up (int8 rows, scales)
         self.fold_norm = self.act8 and bucket <= K.GEMV_MAX_TOKENS and K.FOLD_NORM
-        self.xq = torch.zeros((bucket, cfg.hidden_size), dtype=torch.int8, device=dev)
-        self.xs = torch.zeros((bucket,), dtype=torch.float32, device=dev)
+        if self.fold_norm:
+            self.xq = torch.zeros((bucket, cfg.hidden_size), dtype=torch.int8, device=dev)
+            self.xs = torch.zeros((bucket,), dtype=torch.float32, device=dev)
         self.scratch: dict = {}
         self.kv_f32 = self.pad.kv.dtype == torch.float32
         self.keys = K.new_argmax_keys(bucket, dev)  # each row's argmax (reset by the embedding kernel)

@@ -847,7 +847,6 @@ PDL = os.environ.get("ONEBIT_PDL", "1") != "0"
 EARLY_TABLES = True
 _DUMMY: dict = {}
 _SCRATCH: dict = {}
-_COUNTER: dict = {}
 
 
 def _dummy(device) -> torch.Tensor:
@@ -857,22 +856,16 @@ def _dummy(device) -> torch.Tensor:
     return _DUMMY[key]
 
 
-def _counter(device) -> torch.Tensor:
-    """The int32 counter of a gemv's programs (NEXT): zero between launches (its last program resets it); the
-    kernels that use it run one after another on the stream, each after the last has finished."""
-    key = str(device)
-    if key not in _COUNTER:
-        _COUNTER[key] = torch.zeros(1, dtype=torch.int32, device=device)
-    return _COUNTER[key]
-
-
-def _scratch(device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fused prologue's buffers (int8 and float32 views of one allocation, and the token scales): fixed for
-    the process, so CUDA graphs that captured their addresses stay valid."""
+def _scratch(device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ternary gemv's buffers: its fused prologue's (int8 and float32 views of one allocation, and the token
+    scales) and its programs' int32 counter (NEXT: zero between launches, as the last program resets it; the
+    kernels that use it run one after another on the stream). Fixed for the process, so CUDA graphs that
+    captured their addresses stay valid."""
     key = str(device)
     if key not in _SCRATCH:
         f = torch.zeros(GEMV_MAX_TOKENS * SCRATCH_K, dtype=torch.float32, device=device)
-        _SCRATCH[key] = (f.view(torch.int8), f, torch.zeros(16, dtype=torch.float32, device=device))
+        _SCRATCH[key] = (f.view(torch.int8), f, torch.zeros(16, dtype=torch.float32, device=device),
+                         torch.zeros(1, dtype=torch.int32, device=device))
     return _SCRATCH[key]
 
 
@@ -1130,7 +1123,7 @@ def _ternary_gemv(x, w: Matrix, lay: TernaryLayout, m: int, xq: bool, sx, norm, 
         raise ValueError("the gated-activation epilogue needs (gate n, up n) row pairs")
     if out is None:
         out = torch.empty((m, n_out), dtype=torch.float32, device=dev) if epi != EPI_QKV else d
-    scq, scf, ss = _scratch(dev)
+    scq, scf, ss, cnt = _scratch(dev)
     bk, one = _prep_block(w.k)
     q = qkv or {}
     nx = next_norm or (d, 0.0, d, d)
@@ -1141,7 +1134,7 @@ def _ternary_gemv(x, w: Matrix, lay: TernaryLayout, m: int, xq: bool, sx, norm, 
         x, sx if xq else d, norm if norm is not None else d, w.data, w.scales, out, scq, scf, ss, m, w.n, lay.np,
         lay.pair, lay.nseg, eps, q.get("q_out", d), q.get("cos", d), q.get("sin", d), q.get("pos", d),
         q.get("base", d), q.get("maxlen", d), q.get("layer", 0), q.get("hq", 1), q.get("hkv", 1),
-        nx[0], nx[2], nx[3], _counter(dev), float(nx[1]),
+        nx[0], nx[2], nx[3], cnt, float(nx[1]),
         KIN=w.k, KWT=lay.kwt, GW=lay.gw, GS=lay.gs, GLIM=lay.glim, C=w.c, MASKK=lay.maskk, XQ=xq,
         NORM=norm is not None, QUANT=quant and not xq, EPI=epi, ACT=glu or 0,
         HALF_D=max(1, q.get("head_dim", 2) // 2), KVF32=q.get("kv_f32", False), BP=PAIR_TILE, BKW=lay.bkw, BK=bk,
