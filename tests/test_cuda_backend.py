@@ -231,13 +231,14 @@ def _attention_reference(q, k, v, n):
 
 @pytest.mark.parametrize("n", [1, 200, 700])
 @pytest.mark.parametrize("splits", [1, 7, 64, None])  # 64: most splits past a short context (the merge skips them)
-def test_split_kv_decode_attention_matches_reference(n, splits):
+@pytest.mark.parametrize("early", [False, True])  # True: the tables read before the wait, as in the decode step
+def test_split_kv_decode_attention_matches_reference(n, splits, early):
     b, hq, hkv, d, max_len = 3, 8, 2, 64, 720
     q = rng().standard_normal((b, hq, d)).astype(np.float32)
     k = rng().standard_normal((b, max_len, hkv, d)).astype(np.float16)
     v = rng().standard_normal((b, max_len, hkv, d)).astype(np.float16)
     lengths = np.array([n, max(1, n // 2), min(max_len, n + 5)], dtype=np.int32)
-    got = host(K.decode_attention(dev(q), dev(k), dev(v), dev(lengths), num_splits=splits))
+    got = host(K.decode_attention(dev(q), dev(k), dev(v), dev(lengths), num_splits=splits, early=early))
     for i in range(b):
         want = _attention_reference(q[i], k[i].astype(np.float32), v[i].astype(np.float32), int(lengths[i]))
         np.testing.assert_allclose(got[i], want, rtol=0, atol=1e-5)  # float16 storage, float32 math

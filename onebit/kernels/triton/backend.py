@@ -28,7 +28,10 @@ Nor the last split of each (sequence, kv head) merging the partials in the atten
 FOLD_NORM's, no merge kernel): 1284 / 1543 us at 64 / 1024 against 1054 / 1249, as that program's four serial
 merges (each two cross-warp reductions and a load from L2) outlast the merge kernel's 20 parallel programs. Nor
 the gemv's whole tile cut into two power-of-two parts (320 words as 256 + 64, not 512 with 192 of padding): a
-step took 1053 / 1248 us against 1054 / 1249, so the padding's arithmetic is off the critical path.
+step took 1053 / 1248 us against 1054 / 1249, so the padding's arithmetic is off the critical path. Nor decode
+attention reading its first block's cached rows older than the newest before its wait (no kernel of the step
+writes them; the newest row added after it): 1033 / 1382 us at 64 / 1024 tokens against 1054 / 1248, a gain at
+64 tokens (20 programs) and a loss at 1024 (320 programs whose early reads run beside the q/k/v gemv's).
 """
 
 from __future__ import annotations

@@ -286,21 +286,24 @@ def _add2(a0, b0, a1, b1):
 
 @triton.jit
 def _tile_dot(wt, xrow, wq, gq, jq, s, sca, scb, KIN, KWT: tl.constexpr, GW: tl.constexpr, GS: tl.constexpr,
-              GLIM: tl.constexpr, MASKK: tl.constexpr):
+              GLIM: tl.constexpr, MASKK: tl.constexpr, SU: tl.constexpr):
     """(row A, row B) outputs of a whole tile wt [KWP words, BP pairs] (int8 input row xrow, one column group):
     word wq holds input gq * GS + s * GW + jq in slot s; 8 products per 16-bit lane, then one split. sum(x) is
     kept per word (xw) and subtracted before the one reduction over words that gives both rows: every
-    reduction crosses warps, and one per slot for sum(x) cost ~7% of a decode step (H100)."""
+    reduction crosses warps, and one per slot for sum(x) cost ~7% of a decode step (H100). The slots run SU at
+    a time in a loop (SLOT_UNROLL)."""
     t = tl.zeros_like(wt)
     xw = tl.zeros_like(wq)
-    for si in tl.static_range(8):
-        kk = si * GW + jq
-        xm = wq < KWT
-        if MASKK:
-            xm = xm & (kk < GLIM) & (gq * GS + kk < KIN)
-        x = tl.load(xrow + gq * GS + kk, mask=xm, other=0).to(tl.int32)
-        t += ((wt >> (2 * si)) & 0x00030003) * x[:, None]
-        xw += x
+    for s0 in range(0, 8, SU):
+        for su in tl.static_range(SU):
+            si = s0 + su
+            kk = si * GW + jq
+            xm = wq < KWT
+            if MASKK:
+                xm = xm & (kk < GLIM) & (gq * GS + kk < KIN)
+            x = tl.load(xrow + gq * GS + kk, mask=xm, other=0).to(tl.int32)
+            t += ((wt >> (2 * si)) & 0x00030003) * x[:, None]
+            xw += x
     lo = (t << 16) >> 16  # the low lane, sign-extended; the high lane is what remains
     ia, ib = tl.reduce((lo - xw[:, None], ((t - lo) >> 16) - xw[:, None]), 0, _add2)
     ya = _mul_rn(ia.to(tl.float32) / s, sca)
@@ -387,7 +390,7 @@ def _tgemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, scq_ptr, scf_pt
                   EPI: tl.constexpr, ACT: tl.constexpr, HALF_D: tl.constexpr, KVF32: tl.constexpr,
                   BP: tl.constexpr, BKW: tl.constexpr, BK: tl.constexpr, ONE: tl.constexpr, GSP: tl.constexpr,
                   TILE: tl.constexpr, KWP: tl.constexpr, EARLY: tl.constexpr, NEXT: tl.constexpr,
-                  NBK: tl.constexpr, NONE: tl.constexpr, GDC: tl.constexpr):
+                  NBK: tl.constexpr, NONE: tl.constexpr, SU: tl.constexpr, GDC: tl.constexpr):
     """Ternary GEMV for M <= GEMV_MAX_TOKENS tokens; program = one tile of BP row pairs (see ``TernaryLayout``).
 
     Prologue (x float, NORM and/or QUANT): every program normalizes and quantizes the M rows once, in a 1-D
@@ -464,7 +467,7 @@ def _tgemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, scq_ptr, scf_pt
             s = tl.load(ss_ptr + mi)
         xrow = xsrc + mi * KIN
         if TILE:
-            ya, yb = _tile_dot(wt, xrow, wq, gq, jq, s, sca, scb, KIN, KWT, GW, GS, GLIM, MASKK)
+            ya, yb = _tile_dot(wt, xrow, wq, gq, jq, s, sca, scb, KIN, KWT, GW, GS, GLIM, MASKK, SU)
         else:
             ya, yb = _chunked_dot(xrow, wbase, sc_ptr, s, sca, scb, ra, rb, ma, mb, jb, pl, N, NSEG, KIN, GW, GS,
                                   GLIM, C, MASKK, INT, NCG, BP, BKW, GSP)
@@ -834,6 +837,14 @@ PROLOGUE_MAX_TOKENS = 1
 # A gemv of int8 products with one column group and at most this many words per pair (rounded up to a power of
 # two) loads its whole tile at once, before waiting for its producers (``_tgemv_kernel``'s TILE); 0: never.
 GEMV_TILE_WORDS = 1024
+# Slots of the whole-tile dot product per pass of its loop (1, 2, 4 or 8; ``_tile_dot``). Unrolled whole (8),
+# the compiler hoisted every slot's x loads and their 64-bit addresses: 247-255 registers, with spills in gate/up
+# (1168 bytes of stack) and down (2432), and gate/up ran 2 programs per SM (432 in 1.6 waves; 3 per SM now). A
+# loop of 4 passes of 2 slots keeps them at 125-215 registers (8 bytes of stack in o; Triton 3.6, sm_90). H200
+# decode step at 64 / 1024 tokens of context (with a preload since dropped): 8 slots 1033 / 1382 us, 1 slot
+# 1001 / 1341, 2 slots 972 / 1311, 4 slots 994 / 1336. The qkv, o and down gemvs run 8 warps, gate/up 4 (8 warps
+# with 1 or 2 slots: 1092 / 1029 us at 64).
+SLOT_UNROLL = 2
 # The decode step's o gemv (one to GEMV_MAX_TOKENS tokens, int8 activations): its last program normalizes and
 # quantizes the residual rows for gate/up (``matmul``'s next_norm), no norm + quantization kernel of its own.
 FOLD_NORM = os.environ.get("ONEBIT_FOLD_NORM", "1") != "0"
@@ -1139,7 +1150,7 @@ def _ternary_gemv(x, w: Matrix, lay: TernaryLayout, m: int, xq: bool, sx, norm, 
         NORM=norm is not None, QUANT=quant and not xq, EPI=epi, ACT=glu or 0,
         HALF_D=max(1, q.get("head_dim", 2) // 2), KVF32=q.get("kv_f32", False), BP=PAIR_TILE, BKW=lay.bkw, BK=bk,
         ONE=one, GSP=_pow2(lay.gs), TILE=tile, KWP=kwp, EARLY=bool(q.get("early")) and EARLY_TABLES,
-        NEXT=next_norm is not None, NBK=nbk, NONE=none,
+        NEXT=next_norm is not None, NBK=nbk, NONE=none, SU=SLOT_UNROLL,
         # NEXT: norm_quant's warps (the same reduction tree: the same bits)
         num_warps=GEMV_XQ_WARPS if xq and lay.kwt <= 512 and next_norm is None else GEMV_WARPS, **_pdl(dev))
     return out
@@ -1194,10 +1205,11 @@ def stack_kv(k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
 
 
 def decode_attention_kv(q: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor,
-                        num_splits: int | None = None) -> torch.Tensor:
+                        num_splits: int | None = None, early: bool = False) -> torch.Tensor:
     """Split-KV decode attention over caches in the kernels' layout (``stack_kv``): q float32 [B, Hq, D],
     lengths int32 [B] -> float32 [B, Hq, D]. ``num_splits=1`` is the one-block-per-(sequence, kv head) kernel;
-    None chooses the split count from the SM count."""
+    None chooses the split count from the SM count. ``early``: the tables read before the wait, as the decode
+    step runs it (see ``decode_attention_tables``)."""
     b, hq, d = q.shape
     max_len, hkv = kv.shape[3], kv.shape[4]
     base = torch.tensor([kv[i].data_ptr() for i in range(b)], dtype=torch.int64, device=q.device)
@@ -1205,14 +1217,14 @@ def decode_attention_kv(q: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor
     if num_splits is None:
         num_splits = choose_splits(b, hkv, int(lengths.max()), sm_count(q.device))
     out = decode_attention_tables(q.contiguous(), base, maxlen, lengths.to(torch.int32), 0, hkv, num_splits,
-                                  kv_f32=kv.dtype == torch.float32)
+                                  kv_f32=kv.dtype == torch.float32, early=early)
     return out.view(b, hq, d)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
-                     num_splits: int | None = None) -> torch.Tensor:
+                     num_splits: int | None = None, early: bool = False) -> torch.Tensor:
     """``decode_attention_kv`` on k, v [B, max_len, Hkv, D] (float16 or float32), copied into the layout."""
-    return decode_attention_kv(q, stack_kv(k_cache, v_cache), lengths, num_splits)
+    return decode_attention_kv(q, stack_kv(k_cache, v_cache), lengths, num_splits, early)
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int) -> torch.Tensor:
