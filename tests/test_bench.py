@@ -156,3 +156,25 @@ def test_synth_models_written_once(tmp_path):
     assert bench.inspect_gguf(first["gguf"])["arch"] == "llama"
     assert len(first["written"]) == 2
     assert bench.synth_models("tiny-random", str(tmp_path), gguf=True)["written"] == []
+
+
+def test_gpu_registers_reports_the_decode_gemvs_without_spills(capsys):
+    """benchmarks/gpu_registers.py compiles the decode step's GEMVs for sm_90 here (Triton's ptxas; no GPU): four
+    rows, and at the default slot loop none spills more than a few bytes (8 slots unrolled spilled 1-2 KB)."""
+    pytest.importorskip("triton")
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "gpu_registers.py")
+    spec = importlib.util.spec_from_file_location("gpu_registers", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from onebit.synth import synth_config
+
+    rows = [mod.compile_gemv(g, 90, 2, None) for g in mod.gemvs(synth_config("bitnet-2b4t"))]
+    assert [r["name"] for r in rows] == ["qkv", "o", "gate_up", "down"]
+    for r in rows:
+        assert 0 < r["regs"] <= 255 and r["stack"] <= 64 and r["per_sm"] >= 1, r
+    assert mod.main(["--unroll", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 6 and "gate_up" in out
