@@ -46,7 +46,7 @@ def gemvs(cfg) -> list[dict]:
 
     h, inter, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     qkv_rows = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * d
-    return [dict(name="qkv", n=qkv_rows, k=h, pair=d // 2, epi=K.EPI_QKV, half_d=d // 2),
+    return [dict(name="qkv", n=qkv_rows, k=h, pair=d // 2, epi=K.EPI_QKV, head_dim=d),
             dict(name="o", n=h, k=h, epi=K.EPI_RESIDUAL, nxt=K.FOLD_NORM),
             dict(name="gate_up", n=2 * inter, k=h, xq=K.FOLD_NORM, epi=K.EPI_GLU),
             dict(name="down", n=h, k=inter, epi=K.EPI_RESIDUAL)]
@@ -59,18 +59,13 @@ def compile_gemv(spec: dict, arch: int, unroll: int, warps: int | None) -> dict:
 
     from onebit.kernels.triton import kernels as K
 
-    xq, nxt = spec.get("xq", False), spec.get("nxt", False)
+    xq = spec.get("xq", False)
     lay = K.TernaryLayout(spec["n"], spec["k"], 1, spec.get("pair"))
-    bk, one = K._prep_block(spec["k"])
-    nbk, none = K._prep_block(spec["n"])
-    kwp = K._pow2(lay.kwt)
-    const = dict(KIN=spec["k"], KWT=lay.kwt, GW=lay.gw, GS=lay.gs, GLIM=lay.glim, C=1, MASKK=lay.maskk, XQ=xq,
-                 NORM=not xq, QUANT=not xq, EPI=spec["epi"], ACT=K.ACT_RELU2, HALF_D=spec.get("half_d", 1),
-                 KVF32=True, BP=K.PAIR_TILE, BKW=lay.bkw, BK=bk, ONE=one, GSP=K._pow2(lay.gs),
-                 TILE=kwp <= K.GEMV_TILE_WORDS, KWP=kwp, EARLY=spec["epi"] == K.EPI_QKV, NEXT=nxt, NBK=nbk,
-                 NONE=none, SU=unroll, GDC=arch >= 90)
-    if warps is None:
-        warps = K.GEMV_XQ_WARPS if xq and lay.kwt <= 512 and not nxt else K.GEMV_WARPS
+    const, launched = K.gemv_constexprs(lay, xq=xq, norm=not xq, quant=not xq, epi=spec["epi"], act=K.ACT_RELU2,
+                                        head_dim=spec.get("head_dim", 2), kv_f32=True,
+                                        early=spec["epi"] == K.EPI_QKV, next_norm=spec.get("nxt", False))
+    const.update(SU=unroll, GDC=arch >= 90)
+    warps = warps or launched
     fn = K._tgemv_kernel
     names = fn.arg_names
     sig = {a: "constexpr" if a in const else PTR_TYPES.get(a, "fp32" if a in ("eps", "nx_eps") else "i32")
@@ -88,7 +83,8 @@ def compile_gemv(spec: dict, arch: int, unroll: int, warps: int | None) -> dict:
                               check=True).stdout
     ops = re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass, re.M)
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
-    return dict(name=spec["name"], programs=lay.tiles, words=lay.kwt, tile_words=kwp, warps=warps, unroll=unroll,
+    return dict(name=spec["name"], programs=lay.tiles, words=lay.kwt, tile_words=const["KWP"], warps=warps,
+                unroll=unroll,
                 regs=regs, stack=int(re.search(r"STACK:(\d+)", usage).group(1)), sass=len(ops),
                 mix=collections.Counter(ops).most_common(8),
                 per_sm=min(64 // warps, 65536 // (warps * 32 * (-(-regs // 8) * 8))))

@@ -1122,6 +1122,24 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
     return y if glu is None else _glu_torch(y, glu, out)
 
 
+def gemv_constexprs(lay: TernaryLayout, *, xq: bool, norm: bool, quant: bool, epi: int, act: int = 0,
+                    head_dim: int = 2, kv_f32: bool = False, early: bool = False,
+                    next_norm: bool = False) -> tuple[dict, int]:
+    """``_tgemv_kernel``'s compile-time arguments (GDC aside: ``_pdl``) and warps for a ternary matrix laid out
+    as ``lay``: what ``_ternary_gemv`` launches, and what benchmarks/gpu_registers.py compiles without a GPU."""
+    bk, one = _prep_block(lay.k)
+    nbk, none = _prep_block(lay.n) if next_norm else (1, True)  # the next norm's block (unused without it)
+    kwp = _pow2(lay.kwt)
+    const = dict(KIN=lay.k, KWT=lay.kwt, GW=lay.gw, GS=lay.gs, GLIM=lay.glim, C=lay.c, MASKK=lay.maskk, XQ=xq,
+                 NORM=norm, QUANT=quant and not xq, EPI=epi, ACT=act, HALF_D=max(1, head_dim // 2), KVF32=kv_f32,
+                 BP=PAIR_TILE, BKW=lay.bkw, BK=bk, ONE=one, GSP=_pow2(lay.gs),
+                 TILE=(xq or quant) and lay.c == 1 and kwp <= GEMV_TILE_WORDS, KWP=kwp,
+                 EARLY=early and EARLY_TABLES, NEXT=next_norm, NBK=nbk, NONE=none, SU=SLOT_UNROLL)
+    # NEXT: norm_quant's warps (the same reduction tree: the same bits)
+    warps = GEMV_XQ_WARPS if xq and lay.kwt <= 512 and not next_norm else GEMV_WARPS
+    return const, warps
+
+
 def _ternary_gemv(x, w: Matrix, lay: TernaryLayout, m: int, xq: bool, sx, norm, eps: float, quant: bool, out,
                   residual: bool, glu, qkv, n_out: int, next_norm: tuple | None = None) -> torch.Tensor:
     dev = x.device
@@ -1135,24 +1153,16 @@ def _ternary_gemv(x, w: Matrix, lay: TernaryLayout, m: int, xq: bool, sx, norm, 
     if out is None:
         out = torch.empty((m, n_out), dtype=torch.float32, device=dev) if epi != EPI_QKV else d
     scq, scf, ss, cnt = _scratch(dev)
-    bk, one = _prep_block(w.k)
     q = qkv or {}
     nx = next_norm or (d, 0.0, d, d)
-    nbk, none = _prep_block(w.n)
-    kwp = _pow2(lay.kwt)
-    tile = (xq or quant) and w.c == 1 and kwp <= GEMV_TILE_WORDS
+    const, warps = gemv_constexprs(lay, xq=xq, norm=norm is not None, quant=quant, epi=epi, act=glu or 0,
+                                   head_dim=q.get("head_dim", 2), kv_f32=q.get("kv_f32", False),
+                                   early=bool(q.get("early")), next_norm=next_norm is not None)
     _tgemv_kernel[(lay.tiles,)](
         x, sx if xq else d, norm if norm is not None else d, w.data, w.scales, out, scq, scf, ss, m, w.n, lay.np,
         lay.pair, lay.nseg, eps, q.get("q_out", d), q.get("cos", d), q.get("sin", d), q.get("pos", d),
         q.get("base", d), q.get("maxlen", d), q.get("layer", 0), q.get("hq", 1), q.get("hkv", 1),
-        nx[0], nx[2], nx[3], cnt, float(nx[1]),
-        KIN=w.k, KWT=lay.kwt, GW=lay.gw, GS=lay.gs, GLIM=lay.glim, C=w.c, MASKK=lay.maskk, XQ=xq,
-        NORM=norm is not None, QUANT=quant and not xq, EPI=epi, ACT=glu or 0,
-        HALF_D=max(1, q.get("head_dim", 2) // 2), KVF32=q.get("kv_f32", False), BP=PAIR_TILE, BKW=lay.bkw, BK=bk,
-        ONE=one, GSP=_pow2(lay.gs), TILE=tile, KWP=kwp, EARLY=bool(q.get("early")) and EARLY_TABLES,
-        NEXT=next_norm is not None, NBK=nbk, NONE=none, SU=SLOT_UNROLL,
-        # NEXT: norm_quant's warps (the same reduction tree: the same bits)
-        num_warps=GEMV_XQ_WARPS if xq and lay.kwt <= 512 and next_norm is None else GEMV_WARPS, **_pdl(dev))
+        nx[0], nx[2], nx[3], cnt, float(nx[1]), **const, num_warps=warps, **_pdl(dev))
     return out
 
 
