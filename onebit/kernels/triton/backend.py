@@ -32,6 +32,17 @@ step took 1053 / 1248 us against 1054 / 1249, so the padding's arithmetic is off
 attention reading its first block's cached rows older than the newest before its wait (no kernel of the step
 writes them; the newest row added after it): 1033 / 1382 us at 64 / 1024 tokens against 1054 / 1248, a gain at
 64 tokens (20 programs) and a loss at 1024 (320 programs whose early reads run beside the q/k/v gemv's).
+
+Where a gemv's time goes (H200, 64 tokens, per-program %globaltimer / %clock64 stamps, medians): the wait for the
+producer ends 0.3-1.0 us after its last program; the prologue (x row from L2 + sum of squares 0.8-1.0 us, norm +
+absmax 0.4-0.5, quantize + store 0.3-0.55) ~1.6-1.9 us; the dot 0.6-1.0 us per pass of 2 slots (4 passes; each stamp
+there adds a cross-warp max, so these overstate) and ~0.6-0.9 for the reduction; o's folded norm (its last program)
+2.4 us. A chain of short dependent phases, then. Two tries at it, both slower: the tile in two parts again, with the
+slot loop (1025 / 1220 us at 64 / 1024 against 990 / 1185: the second part's loop adds its own round trips), and the
+prologue storing its int8 row in the tile's word order so the dot reads each word's 8 inputs as two int32 in one
+round trip: 1886 / 2109 us, as every program's scattered byte stores hit the same scratch lines; with a scratch row
+per program 1043 / 1243 (the dot then holds 250-255 registers) against 989 / 1185. A scratch row per program with
+the present order: 988 / 1183, no gain.
 """
 
 from __future__ import annotations
