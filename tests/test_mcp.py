@@ -176,7 +176,9 @@ def check_valid(tool: str, out) -> None:
         assert card.id == MODEL and card.architecture == "bitnet" and card.bits_per_weight == pytest.approx(1.585)
         assert card.parameters > card.ternary_parameters > 0 and card.context_length == 1024 and card.backend
     elif tool == "health":
-        assert out.ready and out.status == "ok" and out.uptime_s >= 0 and out.threads >= 1
+        assert out.ready and out.status == "ok" and out.uptime_s >= 0
+        # a CPU backend says how many threads it runs; the GPU's has no such count (as on the H200 test runs)
+        assert out.threads is None if out.backend == "cuda" else out.threads >= 1, (out.backend, out.threads)
         assert out.memory_rss_bytes > 0 and out.requests_waiting >= 0
     elif tool == "kv_cache_stats":
         assert out.budget_bytes == 2 << 30 and 0 <= out.usage_ratio <= 1 and out.bytes_per_token > 0
