@@ -17,17 +17,14 @@
 #define OB_WIDE_TERNARY 1
 /* Measured on an Intel Xeon with AVX-512 VNNI (2 threads, bitnet-2b4t shapes, decode step at 64 tokens of
  * context): the int8 lm_head's prefetch 4 KB ahead, 33.3-33.5 ms a step against 35.0-35.2 at 1 or 2 KB (34.4 at
- * 8 KB); the ternary GEMVs' OB_PF alike at 2 and 8 KB, worse at 1 KB. The dense prefetch: see prims_avx2.h. */
+ * 8 KB); the ternary GEMVs' OB_PF (planes shifted down) alike at 2 and 8 KB, worse at 1 KB. The dense prefetch:
+ * see prims_avx2.h. */
 #define OB_PF_I8 4096
 #define OB_DENSE_PF_NEXT 1
 #ifdef OB_VNNI
-/* The ternary GEMV's planes masked in place (see prim_tern_dot4), and its prefetch 4 KB ahead. Same Xeon, builds
- * alternating, 2 threads: the 120 GEMVs of a bitnet-2b4t token 22.2-22.9 ms with shifted planes and 2 KB, 21.3-22.0
- * in place with 2 KB, 20.6-21.5 in place with 4 KB (+7%); the decode step with the f16 head 44.0-44.8 -> 42.7-43.6
- * ms. In place, GEMVs of L2-resident weights (1 thread): 22 -> 26-28 GB/s. */
-#ifndef OB_TERN_INPLACE
-#define OB_TERN_INPLACE 1
-#endif
+/* The VNNI ternary GEMV (its planes masked in place: see prim_tern_dot4) prefetches 4 KB ahead. Same Xeon, builds
+ * alternating, 2 threads, the 120 GEMVs of a bitnet-2b4t token: planes shifted down, 2 KB: 22.2-22.9 ms; in place,
+ * 2 KB: 21.3-22.0; in place, 4 KB: 20.6-21.5 (+7%). The decode step with the f16 head: 44.0-44.8 -> 42.7-43.6 ms. */
 #ifndef OB_PF
 #define OB_PF 4096
 #endif
@@ -51,9 +48,9 @@ static void prim_tern_dot4(const uint8_t *w, const int8_t *x, int nblk, int32_t 
     for (int r = 0; r < 4; r++) a32[r] = _mm512_setzero_si512();
 #ifdef OB_VNNI
     /* Plane k is masked in place (w & 3 << 2k: its codes times 4^k, <= 192 as u8) and not shifted down: the
-     * shifts ran on the same port as dpbusd. Each plane keeps its own sums, exact multiples of 4^k (dpbusd does
-     * not saturate), divided exactly at the end. Measured: see OB_TERN_INPLACE. */
-#if OB_TERN_INPLACE
+     * shifts ran on the same port as dpbusd (GEMVs of L2-resident weights, 1 thread: 22 -> 26-28 GB/s; see OB_PF
+     * above). Each plane keeps its own sums, exact multiples of 4^k (dpbusd does not saturate), divided exactly
+     * at the end. */
     const __m512i m[4] = {m3, _mm512_set1_epi8(0x0C), _mm512_set1_epi8(0x30), _mm512_set1_epi8((char)0xC0)};
     __m512i p32[4][4];
     for (int r = 0; r < 4; r++)
@@ -72,22 +69,6 @@ static void prim_tern_dot4(const uint8_t *w, const int8_t *x, int nblk, int32_t 
     for (int r = 0; r < 4; r++)
         a32[r] = _mm512_add_epi32(_mm512_add_epi32(p32[r][0], _mm512_srai_epi32(p32[r][1], 2)),
                                   _mm512_add_epi32(_mm512_srai_epi32(p32[r][2], 4), _mm512_srai_epi32(p32[r][3], 6)));
-#else
-    for (int b = 0; b < nblk; b++) {
-        const int8_t *xb = x + (size_t)b * 256;
-        const uint8_t *wb = w + (size_t)b * 256;
-        OB_PREFETCH_BLOCK(wb);
-        __m512i x0 = _mm512_loadu_si512(xb), x1 = _mm512_loadu_si512(xb + 64);
-        __m512i x2 = _mm512_loadu_si512(xb + 128), x3 = _mm512_loadu_si512(xb + 192);
-        for (int r = 0; r < 4; r++) {
-            __m512i wv = _mm512_loadu_si512(wb + r * 64);
-            a32[r] = DOT_ACC(a32[r], plane(wv, 0, m3), x0);
-            a32[r] = DOT_ACC(a32[r], plane(wv, 1, m3), x1);
-            a32[r] = DOT_ACC(a32[r], plane(wv, 2, m3), x2);
-            a32[r] = DOT_ACC(a32[r], plane(wv, 3, m3), x3);
-        }
-    }
-#endif
 #else
     const __m512i ones = _mm512_set1_epi16(1);
     for (int b0 = 0; b0 < nblk; b0 += 4) {

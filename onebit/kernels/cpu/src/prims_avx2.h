@@ -30,15 +30,12 @@
 #ifndef OB_DENSE_PF_NEXT
 #define OB_DENSE_PF_NEXT 0
 #endif
-#ifndef OB_PF_HINT
-#define OB_PF_HINT _MM_HINT_T0
-#endif
 #define OB_PREFETCH_BLOCK(p)                                                \
     do {                                                                    \
-        _mm_prefetch((const char *)(p) + OB_PF, OB_PF_HINT);                \
-        _mm_prefetch((const char *)(p) + OB_PF + 64, OB_PF_HINT);           \
-        _mm_prefetch((const char *)(p) + OB_PF + 128, OB_PF_HINT);          \
-        _mm_prefetch((const char *)(p) + OB_PF + 192, OB_PF_HINT);          \
+        _mm_prefetch((const char *)(p) + OB_PF, _MM_HINT_T0);               \
+        _mm_prefetch((const char *)(p) + OB_PF + 64, _MM_HINT_T0);          \
+        _mm_prefetch((const char *)(p) + OB_PF + 128, _MM_HINT_T0);         \
+        _mm_prefetch((const char *)(p) + OB_PF + 192, _MM_HINT_T0);         \
     } while (0)
 
 OB_INLINE __m128i hsum4_epi32(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
