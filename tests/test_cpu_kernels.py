@@ -47,6 +47,9 @@ TERNARY_CASES = [
     (9, 71, 777, (71, 1)), (16, 128, 256, (1, 1)), (33, 19, 513, (1, 1)),
     (100, 9, 6912, (1, 1)), (61, 13, 13824, (13, 2)),  # prefill: tokens in several passes over the codes
     (20, 195, 2560, (5, 1)),  # GEMM tasks of 6 tiles (3-row blocks), a last task of one tile, a padded row
+    # GEMV tasks of several tiles, which the VNNI kernel reads two at a time: 3 per task at 2 threads (two and a
+    # last one alone), a last task of two, a padded row; 4 per task with column groups
+    (1, 390, 1029, (1, 1)), (1, 520, 777, (5, 3)),
 ]
 
 

@@ -95,6 +95,39 @@ static void prim_tern_dot4(const uint8_t *w, const int8_t *x, int nblk, int32_t 
     for (int r = 0; r < 4; r++) acc[r] = _mm512_reduce_add_epi32(a32[r]);
 }
 
+#ifdef OB_VNNI
+/* Two 4-row tiles at once: two weight streams in flight on the core, not one (the GEMV pairs a task's tiles, or
+ * a gate tile with its up tile). 8 rows of in-place planes would need 32 accumulators, so the word is shifted
+ * once: planes 0 / 1 (w & 3, (w >> 2) & 3) sum at scale 1, planes 2 / 3 (w & 0x30, (w >> 2) & 0x30) at 16. */
+#define OB_HAVE_TERN_DOT8
+static void prim_tern_dot8(const uint8_t *wa, const uint8_t *wb, const int8_t *x, int nblk, int32_t acca[4],
+                           int32_t accb[4]) {
+    const __m512i m03 = _mm512_set1_epi8(0x03), m30 = _mm512_set1_epi8(0x30);
+    __m512i lo[8], hi[8];
+    for (int r = 0; r < 8; r++) lo[r] = hi[r] = _mm512_setzero_si512();
+    for (int b = 0; b < nblk; b++) {
+        const int8_t *xb = x + (size_t)b * 256;
+        const uint8_t *pa = wa + (size_t)b * 256, *pb = wb + (size_t)b * 256;
+        OB_PREFETCH_BLOCK(pa);
+        OB_PREFETCH_BLOCK(pb);
+        __m512i x0 = _mm512_loadu_si512(xb), x1 = _mm512_loadu_si512(xb + 64);
+        __m512i x2 = _mm512_loadu_si512(xb + 128), x3 = _mm512_loadu_si512(xb + 192);
+        for (int r = 0; r < 8; r++) {
+            __m512i w = _mm512_loadu_si512((r < 4 ? pa : pb) + (r & 3) * 64), ws = _mm512_srli_epi16(w, 2);
+            lo[r] = _mm512_dpbusd_epi32(lo[r], _mm512_and_si512(w, m03), x0);
+            lo[r] = _mm512_dpbusd_epi32(lo[r], _mm512_and_si512(ws, m03), x1);
+            hi[r] = _mm512_dpbusd_epi32(hi[r], _mm512_and_si512(w, m30), x2);
+            hi[r] = _mm512_dpbusd_epi32(hi[r], _mm512_and_si512(ws, m30), x3);
+        }
+    }
+    for (int r = 0; r < 8; r++) {
+        int32_t v = _mm512_reduce_add_epi32(_mm512_add_epi32(lo[r], _mm512_srai_epi32(hi[r], 4)));
+        if (r < 4) acca[r] = v;
+        else accb[r - 4] = v;
+    }
+}
+#endif
+
 #define OB_HAVE_TERN_UNPACK4
 static void prim_tern_unpack4(const uint8_t *w, int nblk, uint8_t *q, size_t qstride) {
     const __m512i m3 = _mm512_set1_epi8(3);

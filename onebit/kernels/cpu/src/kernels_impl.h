@@ -317,6 +317,18 @@ static inline void gemv_store(const tern_job *j, int tile, const float yv[4], co
     for (int r = 0; r < 4 && o0 + r < j->w->N; r++) j->y[o0 + r] = j->res ? j->res[o0 + r] + yv[r] : yv[r];
 }
 
+/* yv[r] += group g's output of row tile * 4 + r from its int32 sums a (acc gets the exact sums) */
+static inline void tern_i8_scale(const tern_job *j, int tile, int g, const int32_t a[4], float yv[4]) {
+    const ob_tern *w = j->w;
+    for (int r = 0; r < 4; r++) {
+        int o = tile * 4 + r;
+        if (o >= w->N) break;
+        int32_t v = a[r] - j->sums[g];
+        if (j->acc) j->acc[(size_t)g * w->N + o] = v;
+        yv[r] += ((float)v / j->sx[0]) * w->rs[(size_t)g * w->N + o];
+    }
+}
+
 static inline void tern_i8_tile(const tern_job *j, int tile, float yv[4]) {
     const ob_tern *w = j->w;
     int gblk = w->gpad / OB_BLK;
@@ -324,27 +336,60 @@ static inline void tern_i8_tile(const tern_job *j, int tile, float yv[4]) {
     for (int g = 0; g < w->C; g++) {
         int32_t a[4];
         prim_tern_dot4(tile_ptr(w, tile, g * gblk), j->xq + (size_t)g * w->gpad, gblk, a);
-        for (int r = 0; r < 4; r++) {
-            int o = tile * 4 + r;
-            if (o >= w->N) break;
-            int32_t v = a[r] - j->sums[g];
-            if (j->acc) j->acc[(size_t)g * w->N + o] = v;
-            yv[r] += ((float)v / j->sx[0]) * w->rs[(size_t)g * w->N + o];
-        }
+        tern_i8_scale(j, tile, g, a, yv);
     }
 }
+
+#ifdef OB_HAVE_TERN_DOT8
+/* Tiles ta and tb together (prim_tern_dot8: two streams); the same sums, so the same outputs as one at a time. */
+static inline void tern_i8_tile2(const tern_job *j, int ta, int tb, float ya[4], float yb[4]) {
+    const ob_tern *w = j->w;
+    int gblk = w->gpad / OB_BLK;
+    for (int r = 0; r < 4; r++) ya[r] = yb[r] = 0.0f;
+    for (int g = 0; g < w->C; g++) {
+        int32_t a[4], b[4];
+        prim_tern_dot8(tile_ptr(w, ta, g * gblk), tile_ptr(w, tb, g * gblk), j->xq + (size_t)g * w->gpad, gblk, a,
+                       b);
+        tern_i8_scale(j, ta, g, a, ya);
+        tern_i8_scale(j, tb, g, b, yb);
+    }
+}
+#endif
 
 /* j->ntiles: output tiles, or with glu the gate tiles (tile t pairs with up tile t + ntiles) */
 static void tern_i8_gemv_task(void *p, int task, int tid) {
     (void)tid;
     tern_job *j = p;
-    int t1 = ob_min(j->ntiles, (task + 1) * j->per_task);
-    for (int tile = task * j->per_task; tile < t1; tile++) {
+    int t0 = task * j->per_task, t1 = ob_min(j->ntiles, (task + 1) * j->per_task);
+#ifdef OB_HAVE_TERN_DOT8
+    if (j->glu) { /* a gate tile and its up tile */
+        for (int tile = t0; tile < t1; tile++) {
+            float yv[4], uv[4];
+            tern_i8_tile2(j, tile, tile + j->ntiles, yv, uv);
+            gemv_store(j, tile, yv, uv);
+        }
+        return;
+    }
+    int n = t1 - t0, h = (n + 1) / 2; /* tile i of the task's first half with tile i of its second */
+    for (int i = 0; i < n / 2; i++) {
+        float ya[4], yb[4];
+        tern_i8_tile2(j, t0 + i, t0 + h + i, ya, yb);
+        gemv_store(j, t0 + i, ya, ya); /* (no glu here: its up values are not read) */
+        gemv_store(j, t0 + h + i, yb, yb);
+    }
+    if (n % 2) {
+        float yv[4];
+        tern_i8_tile(j, t0 + h - 1, yv);
+        gemv_store(j, t0 + h - 1, yv, yv);
+    }
+#else
+    for (int tile = t0; tile < t1; tile++) {
         float yv[4], uv[4];
         tern_i8_tile(j, tile, yv);
         if (j->glu) tern_i8_tile(j, tile + j->ntiles, uv);
         gemv_store(j, tile, yv, uv);
     }
+#endif
 }
 
 static void gemm_residual(const tern_job *j, int o0, int nrow) {
