@@ -98,7 +98,9 @@ static void prim_tern_dot4(const uint8_t *w, const int8_t *x, int nblk, int32_t 
 #ifdef OB_VNNI
 /* Two 4-row tiles at once: two weight streams in flight on the core, not one (the GEMV pairs a task's tiles, or
  * a gate tile with its up tile). 8 rows of in-place planes would need 32 accumulators, so the word is shifted
- * once: planes 0 / 1 (w & 3, (w >> 2) & 3) sum at scale 1, planes 2 / 3 (w & 0x30, (w >> 2) & 0x30) at 16. */
+ * once: planes 0 / 1 (w & 3, (w >> 2) & 3) sum at scale 1, planes 2 / 3 (w & 0x30, (w >> 2) & 0x30) at 16.
+ * Same Xeon, 2 threads, builds alternating: the 120 GEMVs of a token 20.6-21.0 -> 19.6-19.9 ms; the decode step's
+ * layers 20.9-21.0 -> 20.3-20.7 ms. */
 #define OB_HAVE_TERN_DOT8
 static void prim_tern_dot8(const uint8_t *wa, const uint8_t *wb, const int8_t *x, int nblk, int32_t acca[4],
                            int32_t accb[4]) {
