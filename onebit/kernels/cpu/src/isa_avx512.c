@@ -22,9 +22,10 @@
 #define OB_PF_I8 4096
 #define OB_DENSE_PF_NEXT 1
 #ifdef OB_VNNI
-/* The VNNI ternary GEMV (its planes masked in place: see prim_tern_dot4) prefetches 4 KB ahead. Same Xeon, builds
- * alternating, 2 threads, the 120 GEMVs of a bitnet-2b4t token: planes shifted down, 2 KB: 22.2-22.9 ms; in place,
- * 2 KB: 21.3-22.0; in place, 4 KB: 20.6-21.5 (+7%). The decode step with the f16 head: 44.0-44.8 -> 42.7-43.6 ms. */
+/* The VNNI ternary GEMV prefetches 4 KB ahead. Measured before prim_tern_dot8 existed, with every tile through
+ * prim_tern_dot4 (same Xeon, builds alternating, 2 threads, the 120 GEMVs of a bitnet-2b4t token): planes shifted
+ * down, 2 KB: 22.2-22.9 ms; in place, 2 KB: 21.3-22.0; in place, 4 KB: 20.6-21.5 (+7%). The decode step with the
+ * f16 head: 44.0-44.8 -> 42.7-43.6 ms. prim_tern_dot8 was then measured with 4 KB. */
 #ifndef OB_PF
 #define OB_PF 4096
 #endif
@@ -47,10 +48,11 @@ static void prim_tern_dot4(const uint8_t *w, const int8_t *x, int nblk, int32_t 
     __m512i a32[4];
     for (int r = 0; r < 4; r++) a32[r] = _mm512_setzero_si512();
 #ifdef OB_VNNI
-    /* Plane k is masked in place (w & 3 << 2k: its codes times 4^k, <= 192 as u8) and not shifted down: the
-     * shifts ran on the same port as dpbusd (GEMVs of L2-resident weights, 1 thread: 22 -> 26-28 GB/s; see OB_PF
-     * above). Each plane keeps its own sums, exact multiples of 4^k (dpbusd does not saturate), divided exactly
-     * at the end. */
+    /* One tile alone (the GEMV reads two at once with prim_tern_dot8; this takes a task's odd tile, and every
+     * tile of a task of one). Plane k is masked in place (w & 3 << 2k: its codes times 4^k, <= 192 as u8) and
+     * not shifted down: the shifts ran on the same port as dpbusd (GEMVs of L2-resident weights, 1 thread: 22 ->
+     * 26-28 GB/s; see OB_PF above). Each plane keeps its own sums, exact multiples of 4^k (dpbusd does not
+     * saturate), divided exactly at the end. */
     const __m512i m[4] = {m3, _mm512_set1_epi8(0x0C), _mm512_set1_epi8(0x30), _mm512_set1_epi8((char)0xC0)};
     __m512i p32[4][4];
     for (int r = 0; r < 4; r++)
