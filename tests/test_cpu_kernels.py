@@ -47,8 +47,8 @@ TERNARY_CASES = [
     (9, 71, 777, (71, 1)), (16, 128, 256, (1, 1)), (33, 19, 513, (1, 1)),
     (100, 9, 6912, (1, 1)), (61, 13, 13824, (13, 2)),  # prefill: tokens in several passes over the codes
     (20, 195, 2560, (5, 1)),  # GEMM tasks of 6 tiles (3-row blocks), a last task of one tile, a padded row
-    # GEMV tasks of several tiles, which the VNNI kernel reads two at a time: 3 per task at 2 threads (two and a
-    # last one alone), a last task of two, a padded row; 4 per task with column groups
+    # GEMVs whose per-thread parts (2 threads) have an odd number of tiles: tile pairs, read two at a time by the
+    # VNNI kernel, and a last tile alone; a padded row; column groups
     (1, 390, 1029, (1, 1)), (1, 520, 777, (5, 3)),
 ]
 
@@ -367,6 +367,22 @@ def test_thread_counts_agree():
         assert b.threads == n
         outs.append(b.ternary_matmul(x, b.prepare_ternary(w), 8))
     assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize("threads", [2, 3, 5, 8])
+def test_gemv_parts_and_stolen_chunks_are_exact(threads):
+    """One-token GEMVs split in a part per thread, where threads done early take chunks from the back of the
+    others' parts. More threads than cores (this runs on 2) makes them late at random, so chunks are stolen in
+    varying places: every call must still equal the reference, with and without the fused glu."""
+    r = rng()
+    b = cpu.CpuBackend(threads=threads)
+    t, w = ternary(r, 1352, 777, (1, 1))  # 338 tiles, 84-85 per part at 4 threads; odd parts at 3 and 5
+    cw, rw = b.prepare_ternary(w), REF.prepare_ternary(w)
+    for _ in range(25):
+        x = (r.standard_normal((1, 777)) * r.uniform(0.1, 10)).astype(np.float32)
+        ref = REF.ternary_matmul(x, rw, 8)
+        assert np.array_equal(b.ternary_matmul(x, cw, 8), ref)
+        assert np.array_equal(b.ternary_matmul(x, cw, 8, glu="relu2"), REF.glu(ref[:, :676], ref[:, 676:], "relu2"))
 
 
 def test_isa_choice(monkeypatch):
