@@ -66,6 +66,8 @@ def test_read_bandwidth_is_positive():
     b = bench.read_bandwidth(2, SMALL_BUFFER, repeats=2)
     assert 0 < b.gb_s <= b.best and len(b.runs) == 2 and b.threads == 2 and b.method in ("c", "numpy")
     assert 0 < b.bytes <= SMALL_BUFFER
+    if b.method == "c":  # each run is the faster of the two read patterns
+        assert set(b.by_streams) == set(bench.BANDWIDTH_STREAMS) and max(b.by_streams.values()) == b.best
 
 
 def _check_report(d: dict, n_configs: int, plan: Plan):
