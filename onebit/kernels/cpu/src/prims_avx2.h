@@ -397,6 +397,41 @@ OB_INLINE void dense_mk_n(const void *w, const int wt, size_t K, const float *x,
     }
 }
 
+/* One token, two 4-row groups at once (w0, w1: each 4 rows of K): eight weight streams in flight, each row summed
+ * exactly as dense_mk_n sums it. */
+OB_INLINE void dense_2x4(const void *w0, const void *w1, const int wt, size_t K, const float *x, float *out0,
+                         float *out1) {
+    __m256 a[8];
+    for (int r = 0; r < 8; r++) a[r] = _mm256_setzero_ps();
+    const size_t esz = wt == 0 ? 4 : 2;
+    size_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 xv = _mm256_loadu_ps(x + k);
+        for (int r = 0; r < 8; r++) {
+            const void *w = r < 4 ? w0 : w1;
+            if (OB_DENSE_PF_NEXT && (k * esz) % 64 == 0)
+                _mm_prefetch((const char *)w + esz * (((r & 3) + 4) * K + k), _MM_HINT_T0);
+            a[r] = _mm256_fmadd_ps(ld8w(w, wt, (r & 3) * K + k), xv, a[r]);
+        }
+    }
+    float s[8];
+    _mm_storeu_ps(s, hsum4_ps(a[0], a[1], a[2], a[3]));
+    _mm_storeu_ps(s + 4, hsum4_ps(a[4], a[5], a[6], a[7]));
+    for (int r = 0; r < 8; r++) {
+        const void *w = r < 4 ? w0 : w1;
+        for (size_t kk = k; kk < K; kk++) s[r] += ld1w(w, wt, (r & 3) * K + kk) * x[kk];
+        (r < 4 ? out0 : out1)[r & 3] = s[r];
+    }
+}
+
+#define OB_HAVE_DENSE_2X4
+static void prim_dense_2x4(const void *w0, const void *w1, int wt, size_t K, const float *x, float *out0,
+                           float *out1) {
+    if (wt == 0) dense_2x4(w0, w1, 0, K, x, out0, out1);
+    else if (wt == 1) dense_2x4(w0, w1, 1, K, x, out0, out1);
+    else dense_2x4(w0, w1, 2, K, x, out0, out1);
+}
+
 #define OB_HAVE_DENSE
 static void prim_dense_generic(const void *w, int wt, size_t K, int nr, const float *x, int nt, float *out, size_t os) {
     for (int t = 0; t < nt; t++)
