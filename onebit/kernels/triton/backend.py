@@ -42,7 +42,12 @@ slot loop (1025 / 1220 us at 64 / 1024 against 990 / 1185: the second part's loo
 prologue storing its int8 row in the tile's word order so the dot reads each word's 8 inputs as two int32 in one
 round trip: 1886 / 2109 us, as every program's scattered byte stores hit the same scratch lines; with a scratch row
 per program 1043 / 1243 (the dot then holds 250-255 registers) against 989 / 1185. A scratch row per program with
-the present order: 988 / 1183, no gain.
+the present order: 988 / 1183, no gain. Nor 16 warps for the q/k/v, o and down gemvs (97-128 registers, half the
+tile per thread): 1046 / 1191 us with 2 slots per pass, 1061 / 1203 with 1, 1072 / 1214 with 4, against 990 / 1185
+with 8 warps (the baseline run before and after them; H200). Nor tiles of 8 pairs (twice the programs, the same
+8 warps; every decode test passed on them): o 1020 / 1216 us, o and q/k/v 1051 / 1205, gate/up 1032 / 1222, down
+(182 registers: one program per SM, 160 programs) 1017 / 1209, against 989 / 1184. More programs, or more warps per
+program, each add a prologue's worth of reductions; the dot is not what they shorten.
 """
 
 from __future__ import annotations
