@@ -390,11 +390,13 @@ typedef struct ob_parts {
     ob_part part[OB_MAX_PARTS];
 } ob_parts;
 
-static void ob_parts_init(ob_parts *ps, int units, int nparts, int chunk, int steal) {
+/* items (tiles, row groups) in nparts contiguous parts, start[k] to start[k + 1]; a unit of a part is `per` of its
+ * items (the caller's function maps unit u of part k to them), so a part of m items has ceil(m / per) units. */
+static void ob_parts_init(ob_parts *ps, int items, int nparts, int per, int chunk, int steal) {
     ps->n = ob_max(1, ob_min(nparts, OB_MAX_PARTS)), ps->chunk = ob_max(1, chunk), ps->steal = ob_max(1, steal);
-    for (int k = 0; k <= ps->n; k++) ps->start[k] = (int)((int64_t)units * k / ps->n);
+    for (int k = 0; k <= ps->n; k++) ps->start[k] = (int)((int64_t)items * k / ps->n);
     for (int k = 0; k < ps->n; k++)
-        atomic_init(&ps->part[k].fb, (uint64_t)(ps->start[k + 1] - ps->start[k]) << 32);
+        atomic_init(&ps->part[k].fb, (uint64_t)((ps->start[k + 1] - ps->start[k] + per - 1) / per) << 32);
 }
 
 /* Claims up to n units of part k from its front (or back): -> how many, their first unit (part-relative) in u0. */
@@ -556,10 +558,8 @@ static void OB_CAT(tern_i8_, OB_ISA)(ob_ctx *c, const ob_tern *w, const int8_t *
         if (glu) j.ntiles = w->N / 8;
         ob_parts ps;
         size_t unit = 2 * (size_t)w->Kp; /* weight bytes per unit: two tiles */
-        ob_parts_init(&ps, j.ntiles, c->nthreads, (int)(OB_GEMV_CHUNK / unit), (int)(OB_GEMV_STEAL / unit));
-        if (!glu) /* units are pairs of tiles: a part of tiles [a, b) has (b - a + 1) / 2 */
-            for (int k = 0; k < ps.n; k++)
-                atomic_init(&ps.part[k].fb, (uint64_t)((ps.start[k + 1] - ps.start[k] + 1) / 2) << 32);
+        ob_parts_init(&ps, j.ntiles, c->nthreads, glu ? 1 : 2, (int)(OB_GEMV_CHUNK / unit),
+                      (int)(OB_GEMV_STEAL / unit)); /* units: a gate tile (and its up tile), or two tiles */
         j.parts = &ps;
         ob_pool_run(c->pool, tern_i8_gemv_part_task, &j, ps.n);
         return;
@@ -691,7 +691,7 @@ typedef struct {
     const float *rscale, *sx;
     int per_task;
     int32_t *iscr;
-    struct ob_parts *parts; /* one token: 8-row units in a contiguous part per thread */
+    struct ob_parts *parts; /* one token: 4-row groups in a contiguous part per thread, two per unit */
 } dense_job;
 
 static size_t wsize(int wtype) { return wtype == OB_F32 ? 4 : 2; }
@@ -753,9 +753,7 @@ static void OB_CAT(dense_, OB_ISA)(ob_ctx *c, const void *w, int wtype, int N, i
     if (T == 1) {
         ob_parts ps;
         size_t unit = 8 * (size_t)K * wsize(wtype); /* bytes per unit: two groups of 4 rows */
-        ob_parts_init(&ps, (N + 3) / 4, c->nthreads, (int)(OB_DENSE_CHUNK / unit), (int)(OB_GEMV_STEAL / unit));
-        for (int k = 0; k < ps.n; k++) /* units: pairs of 4-row groups */
-            atomic_init(&ps.part[k].fb, (uint64_t)((ps.start[k + 1] - ps.start[k] + 1) / 2) << 32);
+        ob_parts_init(&ps, (N + 3) / 4, c->nthreads, 2, (int)(OB_DENSE_CHUNK / unit), (int)(OB_GEMV_STEAL / unit));
         j.parts = &ps;
         ob_pool_run(c->pool, dense_part_task, &j, ps.n);
         return;
