@@ -164,13 +164,7 @@ def test_gpu_registers_reports_the_decode_gemvs_without_spills(capsys):
     """benchmarks/gpu_registers.py compiles the decode step's GEMVs for sm_90 here (Triton's ptxas; no GPU): four
     rows, and at the default slot loop none spills more than a few bytes (8 slots unrolled spilled 1-2 KB)."""
     pytest.importorskip("triton")
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "gpu_registers.py")
-    spec = importlib.util.spec_from_file_location("gpu_registers", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _benchmark_script("gpu_registers")
     from onebit.synth import synth_config
 
     rows = [mod.compile_gemv(g, 90, 2, None) for g in mod.gemvs(synth_config("bitnet-2b4t"))]
@@ -180,3 +174,43 @@ def test_gpu_registers_reports_the_decode_gemvs_without_spills(capsys):
     assert mod.main(["--unroll", "2"]) == 0
     out = capsys.readouterr().out
     assert out.count("\n") == 6 and "gate_up" in out
+
+
+def _benchmark_script(name: str):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ab_cpu_times_builds_side_by_side_and_restores_the_backend():
+    """benchmarks/ab_cpu.py: two loaded copies of the package's own build, each with its context, take turns on
+    every workload; their outputs agree bit for bit, each gets a time per round, and the backend's extension
+    and context are put back afterwards. (Compiling variants is left to the script: too slow for the suite.)"""
+    import glob
+    import os
+
+    import onebit
+    import onebit.kernels.cpu as cpu
+
+    ab = _benchmark_script("ab_cpu")
+    so = glob.glob(os.path.join(os.path.dirname(cpu.__file__), "_ext*.so"))
+    if not so:
+        pytest.skip("the cpu extension is not built in place here")
+    mods = [ab.load_ext(so[0]), ab.load_ext(so[0])]
+    model = onebit.load("tiny-random", backend="cpu", threads=2, tokenizer=False)
+    ext, ctx = cpu._ext, model.backend._ctx
+    for what in ("gemv", "head", "step"):
+        res = ab.compare(mods, ["a", "b"], model, what, 8, rounds=2, reps=1, threads=2)
+        assert [d["name"] for d in res] == ["a", "b"] and all(d["same"] for d in res), (what, res)
+        assert res[0]["ratio"] == 1.0 and all(d["median_ms"] > 0 for d in res)
+    assert cpu._ext is ext and model.backend._ctx is ctx
+    with pytest.raises(SystemExit):
+        ab.parse_args(["base", "--what", "gemv"])  # not NAME=CFLAGS
+    with pytest.raises(SystemExit):
+        ab.parse_args(["a=", "a=-O1"])  # names must differ
+    assert ab.parse_args(["base=", "pf=-DOB_PF=2048"]).variants == ["base=", "pf=-DOB_PF=2048"]
