@@ -22,12 +22,17 @@
 #define OB_PF_I8 4096
 #define OB_DENSE_PF_NEXT 1
 #ifdef OB_VNNI
-/* The VNNI ternary GEMV prefetches 4 KB ahead. Measured before prim_tern_dot8 existed, with every tile through
- * prim_tern_dot4 (same Xeon, builds alternating, 2 threads, the 120 GEMVs of a bitnet-2b4t token): planes shifted
- * down, 2 KB: 22.2-22.9 ms; in place, 2 KB: 21.3-22.0; in place, 4 KB: 20.6-21.5 (+7%). The decode step with the
- * f16 head: 44.0-44.8 -> 42.7-43.6 ms. prim_tern_dot8 was then measured with 4 KB. */
+/* The VNNI ternary GEMV prefetches each line 2 KB ahead into L1 and 16 KB ahead into L2 (OB_PF_FAR). Same Xeon,
+ * 2 threads, builds loaded side by side in one process (benchmarks/ab_cpu.py, 16 rounds), against one prefetch
+ * 4 KB ahead: the 120 GEMVs of a bitnet-2b4t token 0.948-0.957x the time (8 / 1, 16 / 4 and 32 / 2 KB alike,
+ * 0.955-0.960x; a T2 hint at 8-16 KB 0.957-0.961x), the decode step 0.964-0.968x. Before that, with one
+ * prefetch and every tile through prim_tern_dot4: planes shifted down, 2 KB: 22.2-22.9 ms; in place, 2 KB:
+ * 21.3-22.0; in place, 4 KB: 20.6-21.5. */
 #ifndef OB_PF
-#define OB_PF 4096
+#define OB_PF 2048
+#endif
+#ifndef OB_PF_FAR
+#define OB_PF_FAR 16384
 #endif
 #endif
 #include "prims_avx2.h"
