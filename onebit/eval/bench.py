@@ -139,7 +139,7 @@ double read_seconds(const void *buf, size_t n, int threads, int streams, uint64_
 """
 
 # Streams per thread the probe reads with: one, and several side by side (on the Xeon VM the benchmarks ran on,
-# 4 streams per thread read 5-10% faster than one at 2 threads; the kernels read 2 per thread).
+# 4 streams per thread read 5-10% faster than one at 2 threads; the ternary GEMV reads 2 per thread).
 BANDWIDTH_STREAMS = (1, 4)
 
 

@@ -53,8 +53,8 @@ static void prim_tern_dot4(const uint8_t *w, const int8_t *x, int nblk, int32_t 
     __m512i a32[4];
     for (int r = 0; r < 4; r++) a32[r] = _mm512_setzero_si512();
 #ifdef OB_VNNI
-    /* One tile alone (the GEMV reads two at once with prim_tern_dot8; this takes a task's odd tile, and every
-     * tile of a task of one). Plane k is masked in place (w & 3 << 2k: its codes times 4^k, <= 192 as u8) and
+    /* One tile alone (the GEMV reads two at once with prim_tern_dot8; this takes the last tile of a part with an
+     * odd number of them). Plane k is masked in place (w & 3 << 2k: its codes times 4^k, <= 192 as u8) and
      * not shifted down: the shifts ran on the same port as dpbusd (GEMVs of L2-resident weights, 1 thread: 22 ->
      * 26-28 GB/s; see OB_PF above). Each plane keeps its own sums, exact multiples of 4^k (dpbusd does not
      * saturate), divided exactly at the end. */

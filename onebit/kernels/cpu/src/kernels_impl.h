@@ -415,9 +415,20 @@ static int ob_parts_claim(ob_parts *ps, int k, int front, int n, int *u0) {
     }
 }
 
+/* Task `task` of a parts job (one per part): its own part's chunks from the front, then the others' from the back;
+ * units(job, k, u0, n) runs units [u0, u0 + n) of part k. */
+static void ob_parts_task(ob_parts *ps, int task, void (*units)(const void *job, int k, int u0, int n),
+                          const void *job) {
+    for (int i = 0; i < ps->n; i++) {
+        int k = (task + i) % ps->n, u0, n;
+        while ((n = ob_parts_claim(ps, k, i == 0, i == 0 ? ps->chunk : ps->steal, &u0)) > 0) units(job, k, u0, n);
+    }
+}
+
 /* Units [u0, u0 + n) of part k (units are part-relative). Without glu a unit is a pair of tiles, tile i of the
  * part's first half with tile i of its second (two weight streams); with glu a gate tile and its up tile. */
-static void tern_i8_gemv_units(const tern_job *j, int k, int u0, int n) {
+static void tern_i8_gemv_units(const void *job, int k, int u0, int n) {
+    const tern_job *j = job;
     int a = j->parts->start[k], b = j->parts->start[k + 1];
     for (int u = u0; u < u0 + n; u++) {
         float ya[4], yb[4];
@@ -449,13 +460,7 @@ static void tern_i8_gemv_units(const tern_job *j, int k, int u0, int n) {
 
 static void tern_i8_gemv_part_task(void *p, int task, int tid) {
     (void)tid;
-    tern_job *j = p;
-    ob_parts *ps = j->parts;
-    for (int i = 0; i < ps->n; i++) { /* its own part from the front, then the others' from the back */
-        int k = (task + i) % ps->n, u0, n;
-        while ((n = ob_parts_claim(ps, k, i == 0, i == 0 ? ps->chunk : ps->steal, &u0)) > 0)
-            tern_i8_gemv_units(j, k, u0, n);
-    }
+    ob_parts_task(((tern_job *)p)->parts, task, tern_i8_gemv_units, p);
 }
 
 static void gemm_residual(const tern_job *j, int o0, int nrow) {
@@ -720,29 +725,29 @@ static void dense_task(void *p, int task, int tid) {
 #ifndef OB_DENSE_CHUNK
 #define OB_DENSE_CHUNK (1 << 20)
 #endif
+/* Units [u0, u0 + n) of part k: 4-row group u of the part's first half with group u of its second. */
+static void dense_units(const void *job, int k, int u0, int n) {
+    const dense_job *j = job;
+    size_t rb = (size_t)j->K * wsize(j->wtype);
+    int g0 = j->parts->start[k], g1 = j->parts->start[k + 1], h = (g1 - g0 + 1) / 2;
+    for (int u = u0; u < u0 + n; u++) {
+        int ra = 4 * (g0 + u), rc = 4 * (g0 + h + u);
+        if (g0 + h + u < g1 && rc + 4 <= j->N) {
+            prim_dense_2x4((const char *)j->w + ra * rb, (const char *)j->w + rc * rb, j->wtype, (size_t)j->K, j->x,
+                           j->y + ra, j->y + rc);
+            continue;
+        }
+        prim_dense_mk((const char *)j->w + ra * rb, j->wtype, (size_t)j->K, ob_min(4, j->N - ra), j->x, 1, j->y + ra,
+                      (size_t)j->N);
+        if (g0 + h + u < g1)
+            prim_dense_mk((const char *)j->w + rc * rb, j->wtype, (size_t)j->K, ob_min(4, j->N - rc), j->x, 1,
+                          j->y + rc, (size_t)j->N);
+    }
+}
+
 static void dense_part_task(void *p, int task, int tid) {
     (void)tid;
-    dense_job *j = p;
-    ob_parts *ps = j->parts;
-    size_t rb = (size_t)j->K * wsize(j->wtype);
-    for (int i = 0; i < ps->n; i++) {
-        int k = (task + i) % ps->n, u0, n;
-        while ((n = ob_parts_claim(ps, k, i == 0, i == 0 ? ps->chunk : ps->steal, &u0)) > 0)
-            for (int u = u0; u < u0 + n; u++) { /* 4-row group u of the part's first half with group u of its second */
-                int g0 = ps->start[k], g1 = ps->start[k + 1], h = (g1 - g0 + 1) / 2;
-                int ra = 4 * (g0 + u), rc = 4 * (g0 + h + u);
-                if (g0 + h + u < g1 && rc + 4 <= j->N) {
-                    prim_dense_2x4((const char *)j->w + ra * rb, (const char *)j->w + rc * rb, j->wtype, (size_t)j->K,
-                                   j->x, j->y + ra, j->y + rc);
-                    continue;
-                }
-                prim_dense_mk((const char *)j->w + ra * rb, j->wtype, (size_t)j->K, ob_min(4, j->N - ra), j->x, 1,
-                              j->y + ra, (size_t)j->N);
-                if (g0 + h + u < g1)
-                    prim_dense_mk((const char *)j->w + rc * rb, j->wtype, (size_t)j->K, ob_min(4, j->N - rc), j->x, 1,
-                                  j->y + rc, (size_t)j->N);
-            }
-    }
+    ob_parts_task(((dense_job *)p)->parts, task, dense_units, p);
 }
 
 static void OB_CAT(dense_, OB_ISA)(ob_ctx *c, const void *w, int wtype, int N, int K, const float *x, int T,
