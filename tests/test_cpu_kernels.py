@@ -241,14 +241,17 @@ def test_dense_matmul_16bit_and_f32(backend, kind, T, N, K):
     assert np.all(np.abs(y - want) <= 1e-5 * (np.abs(x) @ np.abs(w).T) + 1e-30)
 
 
+@pytest.mark.parametrize("isa", RUNNABLE)
 @pytest.mark.parametrize("threads", [1, 2, 3, 5])
 @pytest.mark.parametrize("kind", ["f32", "f16"])
-def test_dense_one_token_equals_its_row_of_several(threads, kind):
-    """One token (the lm_head's decode path: a part per thread, two 4-row groups read at once, chunks stolen by
-    early threads) sums each row exactly as the several-token path does: the same floats, at any thread count."""
+@pytest.mark.parametrize("N", [1030, 7])
+def test_dense_one_token_equals_its_row_of_several(isa, threads, kind, N):
+    """One token (the lm_head's decode path: a part per thread read as four row streams, row u of each quarter,
+    chunks stolen by early threads) sums each row exactly as the several-token path does: the same floats, at any
+    thread count, the last partial group of 4 rows included."""
     r = rng()
-    b = cpu.CpuBackend(threads=threads)
-    w = b.prepare_dense(table_of(r, kind, (1030, 300)))  # 257 full groups of 4 and 2 rows; 300 % 8 != 0
+    b = cpu.CpuBackend(threads=threads, isa=isa)
+    w = b.prepare_dense(table_of(r, kind, (N, 300)))  # 1030: 257 full groups of 4 and 2 rows; 300 % 8 != 0
     for _ in range(10):
         x = r.standard_normal((3, 300)).astype(np.float32)
         assert np.array_equal(b.dense_matmul(x[:1], w), b.dense_matmul(x, w)[:1])

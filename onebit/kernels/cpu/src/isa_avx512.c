@@ -21,6 +21,12 @@
  * see prims_avx2.h. */
 #define OB_PF_I8 4096
 #define OB_DENSE_PF_NEXT 1
+#ifndef OB_DENSE_PF
+#define OB_DENSE_PF 2048
+#endif
+#ifndef OB_DENSE_PF_FAR
+#define OB_DENSE_PF_FAR 16384
+#endif
 #ifdef OB_VNNI
 /* The VNNI ternary GEMV prefetches each line 2 KB ahead into L1 and 16 KB ahead into L2 (OB_PF_FAR). Same Xeon,
  * 2 threads, builds loaded side by side in one process (benchmarks/ab_cpu.py, 16 rounds), against one prefetch

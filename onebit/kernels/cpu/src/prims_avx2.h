@@ -23,12 +23,20 @@
 #ifndef OB_PF_I8
 #define OB_PF_I8 1024
 #endif
-/* The dense GEMV (16-bit lm_head) reads 4 rows at a time, 4 streams; with OB_DENSE_PF_NEXT it prefetches each
+/* The dense kernel for several tokens reads 4 rows at a time, 4 streams; with OB_DENSE_PF_NEXT it prefetches each
  * 64-byte line of the next 4 rows as it reads the same line of these (set by the AVX-512 builds: Intel Xeon with
  * AVX-512 VNNI, 2 threads, the f16 lm_head alone 24.4 -> 29.8 GB/s against a plain sum's 29.6; a fixed distance
- * of 1 KB gave 27.6, 4 KB 21.6). Without it the hardware prefetcher alone (Zen 3, where it was measured). */
+ * of 1 KB gave 27.6, 4 KB 21.6). Without it the hardware prefetcher alone (Zen 3, where it was measured).
+ * One token (dense_4r) reads four sequential row streams; OB_DENSE_PF / OB_DENSE_PF_FAR: its prefetch distances
+ * (0: none, the hardware prefetcher alone). */
 #ifndef OB_DENSE_PF_NEXT
 #define OB_DENSE_PF_NEXT 0
+#endif
+#ifndef OB_DENSE_PF
+#define OB_DENSE_PF 0
+#endif
+#ifndef OB_DENSE_PF_FAR
+#define OB_DENSE_PF_FAR 0
 #endif
 /* With OB_PF_FAR, a second prefetch OB_PF_FAR bytes ahead into L2 (T1), so the near one (into L1) mostly finds
  * its line in L2: a line fetched from memory into L1 holds one of the core's few L1 miss buffers for the whole
@@ -408,43 +416,40 @@ OB_INLINE void dense_mk_n(const void *w, const int wt, size_t K, const float *x,
     }
 }
 
-/* One token, two 4-row groups at once (w0, w1: each 4 rows of K): eight weight streams in flight, each row summed
- * exactly as dense_mk_n sums it. With OB_DENSE_PF_NEXT it also asks for the group after the next into L2 (the
- * f16 bitnet-2b4t head on the Xeon VNNI VM, builds side by side, 16 rounds: 0.974x the time; 16 rows ahead
- * 0.986x, 32 rows 1.036x). */
-OB_INLINE void dense_2x4(const void *w0, const void *w1, const int wt, size_t K, const float *x, float *out0,
-                         float *out1) {
-    __m256 a[8];
-    for (int r = 0; r < 8; r++) a[r] = _mm256_setzero_ps();
+/* One token, four rows from four places (w[i]: row i's first element; the lm_head's one-token path takes row u of
+ * each quarter of a thread's part): four sequential weight streams, each row summed exactly as dense_mk_n sums
+ * it (one 8-lane accumulator over k, the same horizontal sum, then the tail). With OB_DENSE_PF, each stream asks
+ * for its line OB_DENSE_PF bytes ahead into L1 and OB_DENSE_PF_FAR bytes ahead into L2. Xeon VNNI VM, 2 threads,
+ * the f16 bitnet-2b4t head: 4 row streams with 2 / 16 KB ahead 31.6 GB/s where two groups of 4 rows side by side
+ * (eight rows, 5 KB each, then a jump) read 30.1 (a C model of both, same run). */
+OB_INLINE void dense_4r(const char *const *w, const int wt, size_t K, const float *x, float *out) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     const size_t esz = wt == 0 ? 4 : 2;
+    const char *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
     size_t k = 0;
     for (; k + 8 <= K; k += 8) {
-        __m256 xv = _mm256_loadu_ps(x + k);
-        for (int r = 0; r < 8; r++) {
-            const void *w = r < 4 ? w0 : w1;
-            if (OB_DENSE_PF_NEXT && (k * esz) % 64 == 0) { /* the next group into L1, the one after it into L2 */
-                _mm_prefetch((const char *)w + esz * (((r & 3) + 4) * K + k), _MM_HINT_T0);
-                _mm_prefetch((const char *)w + esz * (((r & 3) + 8) * K + k), _MM_HINT_T1);
+        if (OB_DENSE_PF && (k * esz) % 64 == 0) {
+            for (int r = 0; r < 4; r++) {
+                _mm_prefetch(w[r] + esz * k + OB_DENSE_PF, _MM_HINT_T0);
+                if (OB_DENSE_PF_FAR) _mm_prefetch(w[r] + esz * k + OB_DENSE_PF_FAR, _MM_HINT_T1);
             }
-            a[r] = _mm256_fmadd_ps(ld8w(w, wt, (r & 3) * K + k), xv, a[r]);
         }
+        __m256 xv = _mm256_loadu_ps(x + k);
+        a0 = _mm256_fmadd_ps(ld8w(w0, wt, k), xv, a0);
+        a1 = _mm256_fmadd_ps(ld8w(w1, wt, k), xv, a1);
+        a2 = _mm256_fmadd_ps(ld8w(w2, wt, k), xv, a2);
+        a3 = _mm256_fmadd_ps(ld8w(w3, wt, k), xv, a3);
     }
-    float s[8];
-    _mm_storeu_ps(s, hsum4_ps(a[0], a[1], a[2], a[3]));
-    _mm_storeu_ps(s + 4, hsum4_ps(a[4], a[5], a[6], a[7]));
-    for (int r = 0; r < 8; r++) {
-        const void *w = r < 4 ? w0 : w1;
-        for (size_t kk = k; kk < K; kk++) s[r] += ld1w(w, wt, (r & 3) * K + kk) * x[kk];
-        (r < 4 ? out0 : out1)[r & 3] = s[r];
-    }
+    _mm_storeu_ps(out, hsum4_ps(a0, a1, a2, a3));
+    for (int r = 0; r < 4; r++)
+        for (size_t kk = k; kk < K; kk++) out[r] += ld1w(w[r], wt, kk) * x[kk];
 }
 
-#define OB_HAVE_DENSE_2X4
-static void prim_dense_2x4(const void *w0, const void *w1, int wt, size_t K, const float *x, float *out0,
-                           float *out1) {
-    if (wt == 0) dense_2x4(w0, w1, 0, K, x, out0, out1);
-    else if (wt == 1) dense_2x4(w0, w1, 1, K, x, out0, out1);
-    else dense_2x4(w0, w1, 2, K, x, out0, out1);
+#define OB_HAVE_DENSE_4R
+static void prim_dense_4r(const char *const *w, int wt, size_t K, const float *x, float *out) {
+    if (wt == 0) dense_4r(w, 0, K, x, out);
+    else if (wt == 1) dense_4r(w, 1, K, x, out);
+    else dense_4r(w, 2, K, x, out);
 }
 
 #define OB_HAVE_DENSE
