@@ -389,16 +389,20 @@ def test_thread_counts_agree():
 def test_gemv_parts_and_stolen_chunks_are_exact(threads):
     """One-token GEMVs split in a part per thread, where threads done early take chunks from the back of the
     others' parts. More threads than cores (this runs on 2) makes them late at random, so chunks are stolen in
-    varying places: every call must still equal the reference, with and without the fused glu."""
+    varying places, and the tasks that prefetch while task 0 normalizes and quantizes (tern_i8_x1) wait for it
+    at varying points: every call must still equal the reference, with and without the fused norm and glu."""
     r = rng()
     b = cpu.CpuBackend(threads=threads)
     t, w = ternary(r, 1352, 777, (1, 1))  # 338 tiles, 84-85 per part at 4 threads; odd parts at 3 and 5
     cw, rw = b.prepare_ternary(w), REF.prepare_ternary(w)
+    nw = (1 + 0.1 * r.standard_normal(777)).astype(np.float32)
     for _ in range(25):
         x = (r.standard_normal((1, 777)) * r.uniform(0.1, 10)).astype(np.float32)
         ref = REF.ternary_matmul(x, rw, 8)
         assert np.array_equal(b.ternary_matmul(x, cw, 8), ref)
         assert np.array_equal(b.ternary_matmul(x, cw, 8, glu="relu2"), REF.glu(ref[:, :676], ref[:, 676:], "relu2"))
+        ref = REF.ternary_matmul(numpy_ref.rmsnorm(x, nw, 1e-5), rw, 8)
+        assert np.array_equal(b.ternary_matmul(x, cw, 8, norm=(nw, 1e-5)), ref)
 
 
 def test_isa_choice(monkeypatch):

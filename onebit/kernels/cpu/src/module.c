@@ -169,6 +169,13 @@ static int run_ternary(ob_ctx *c, const float *x, int T, const ob_tern *w, float
     size_t qb = i8 ? ((size_t)T * w->Kp + 63) & ~(size_t)63 : 0, sb = ((size_t)T * w->C * 4 + 63) & ~(size_t)63;
     char *s = ob_scratch(c, 0, nb + qb + sb + (size_t)T * 4);
     if (!s) return 0;
+#ifndef OB_NO_X1
+    if (i8 && T == 1 && !acc) { /* one token: the norm and quantization inside the GEMV's pool job */
+        c->k->tern_i8_x1(c, w, x, nw, eps, (float *)s, (int8_t *)(s + nb), (int32_t *)(s + nb + qb),
+                         (float *)(s + nb + qb + sb), y, res, glu);
+        return 1;
+    }
+#endif
     const float *xin = x;
     if (nw) {
         c->k->rmsnorm(c, x, nw, T, w->K, eps, (float *)s);

@@ -56,6 +56,10 @@ typedef struct ob_kernels {
      * act(gate) * up of the output's two halves, exactly as the glu kernel. */
     void (*tern_i8)(ob_ctx *, const ob_tern *w, const int8_t *xq, const int32_t *sums, const float *sx, int T,
                     float *y, int32_t *acc, const float *res, int glu);
+    /* One token: rmsnorm (nw; NULL: none) into xn f32 [K], quant into xq / sums / sx, then tern_i8 (no acc), in
+     * one pool job (the other threads prefetch their weights while one thread normalizes): the same results. */
+    void (*tern_i8_x1)(ob_ctx *, const ob_tern *w, const float *x, const float *nw, float eps, float *xn,
+                       int8_t *xq, int32_t *sums, float *sx, float *y, const float *res, int glu);
     void (*tern_f32)(ob_ctx *, const ob_tern *w, const float *x, int T, float *y, const float *res, int glu);
     void (*dense)(ob_ctx *, const void *w, int wtype, int N, int K, const float *x, int T, float *y);
     void (*dense_i8)(ob_ctx *, const int8_t *w, const float *rscale, int N, int K, const int8_t *xq,
