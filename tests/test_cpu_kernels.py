@@ -257,6 +257,20 @@ def test_dense_one_token_equals_its_row_of_several(isa, threads, kind, N):
         assert np.array_equal(b.dense_matmul(x[:1], w), b.dense_matmul(x, w)[:1])
 
 
+@pytest.mark.parametrize("isa", RUNNABLE)
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+@pytest.mark.parametrize("N", [1030, 7])
+def test_dense_int8_one_token_equals_its_row_of_several(isa, threads, N):
+    """The int8 lm_head at one token (a part per thread, two tiles of 4 rows read at once, chunks stolen by early
+    threads) gives each row exactly what the several-token path gives it, the last partial tile included."""
+    r = rng()
+    b = cpu.CpuBackend(threads=threads, isa=isa, lm_head="int8")
+    w = b.prepare_dense(r.standard_normal((N, 300)).astype(np.float32))
+    for _ in range(10):
+        x = r.standard_normal((3, 300)).astype(np.float32)
+        assert np.array_equal(b.dense_matmul(x[:1], w), b.dense_matmul(x, w)[:1])
+
+
 def int8_head_twin(x, w):
     """The int8 lm_head's math in NumPy: rows and tokens quantized like act_quant, integer dot, rescale."""
     wq, ws = act_quant(w)  # per row: s = 127 / max|row|

@@ -187,6 +187,15 @@ static void prim_i8_mk(const int8_t *w, size_t K32, const int8_t *x, int nt, int
 }
 #endif
 
+#ifndef OB_HAVE_DENSE_I8_2T
+/* One token, two 4-row tiles of the layout above: out0 / out1 = prim_i8_mk's sums for each. */
+static void prim_i8_2t(const int8_t *w0, const int8_t *w1, size_t K32, const int8_t *x, int32_t *out0,
+                       int32_t *out1) {
+    prim_i8_mk(w0, K32, x, 1, out0, 4);
+    prim_i8_mk(w1, K32, x, 1, out1, 4);
+}
+#endif
+
 #ifndef OB_HAVE_ATTN
 static float prim_dot_kv(const float *q, const void *k, int kvtype, int D) {
     float s = 0.0f;
@@ -724,6 +733,9 @@ static void dense_task(void *p, int task, int tid) {
 #ifndef OB_DENSE_CHUNK
 #define OB_DENSE_CHUNK (1 << 20)
 #endif
+#ifndef OB_NO_I8_PARTS
+#define OB_NO_I8_PARTS 0
+#endif
 static void dense_units(const void *job, int k, int u0, int n) {
     const dense_job *j = job;
     size_t rb = (size_t)j->K * wsize(j->wtype);
@@ -788,12 +800,52 @@ static void dense_i8_task(void *p, int task, int tid) {
     }
 }
 
+/* One token: 4-row tiles in a contiguous part per thread (ob_parts), tile u of the part's first half read with
+ * tile u of its second (prim_i8_2t: two weight streams). Xeon VNNI VM, 2 threads, builds alternating in one
+ * process (12 rounds, the int8 bitnet-2b4t head): 0.81x the time (12.15 -> 9.83 ms, 33.4 GB/s) of ~64 tasks per
+ * thread from one counter, one tile at a time (-DOB_NO_I8_PARTS=1); the same outputs. A far prefetch of 32 KB and
+ * a near one of 2 KB: alike. */
+static void dense_i8_store(const dense_job *j, int tile, const int32_t *acc) {
+    for (int i = 0; i < 4 && 4 * tile + i < j->N; i++)
+        j->y[4 * tile + i] = ((float)acc[i] / j->sx[0]) * j->rscale[4 * tile + i];
+}
+
+static void dense_i8_units(const void *job, int k, int u0, int n) {
+    const dense_job *j = job;
+    size_t tb = 4 * (size_t)j->K; /* bytes per tile */
+    int a = j->parts->start[k], b = j->parts->start[k + 1], h = (b - a + 1) / 2;
+    for (int u = u0; u < u0 + n; u++) {
+        int32_t acc0[4], acc1[4];
+        int ta = a + u, tc = a + h + u;
+        if (tc < b) {
+            prim_i8_2t(j->w8 + ta * tb, j->w8 + tc * tb, (size_t)j->K, j->xq, acc0, acc1);
+            dense_i8_store(j, tc, acc1);
+        } else {
+            prim_i8_mk(j->w8 + ta * tb, (size_t)j->K, j->xq, 1, acc0, 4);
+        }
+        dense_i8_store(j, ta, acc0);
+    }
+}
+
+static void dense_i8_part_task(void *p, int task, int tid) {
+    (void)tid;
+    ob_parts_task(((dense_job *)p)->parts, task, dense_i8_units, p);
+}
+
 /* w: int8 [ceil(N/4)][K32/32][4][32] (zero padded), xq: int8 [T][K32] (zero padded) */
 static void OB_CAT(dense_i8_, OB_ISA)(ob_ctx *c, const int8_t *w, const float *rscale, int N, int K32,
                                        const int8_t *xq, const float *sx, int T, float *y) {
     dense_job j;
     memset(&j, 0, sizeof j);
     j.w8 = w, j.rscale = rscale, j.N = N, j.K = K32, j.xq = xq, j.sx = sx, j.T = T, j.y = y;
+    if (T == 1 && !OB_NO_I8_PARTS) {
+        ob_parts ps;
+        size_t unit = 8 * (size_t)K32; /* bytes per unit: two tiles */
+        ob_parts_init(&ps, (N + 3) / 4, c->nthreads, 2, (int)(OB_DENSE_CHUNK / unit), (int)(OB_GEMV_STEAL / unit));
+        j.parts = &ps;
+        ob_pool_run(c->pool, dense_i8_part_task, &j, ps.n);
+        return;
+    }
     j.iscr = ob_scratch(c, 1, sizeof(int32_t) * 64 * (size_t)c->nthreads);
     int ntasks = ob_max(1, ob_min((N + OB_DROWS - 1) / OB_DROWS, 64 * c->nthreads));
     j.per_task = ((N + ntasks - 1) / ntasks + 3) / 4 * 4;

@@ -509,6 +509,36 @@ static void prim_i8_mk(const int8_t *w, size_t K32, const int8_t *x, int nt, int
     else i8_mk_n(w, K32, x, 1, out, os);
 }
 
+/* One token, two 4-row tiles (w0, w1: two weight streams): out0 / out1 as prim_i8_mk's for each (exact int32). */
+#define OB_HAVE_DENSE_I8_2T
+static void prim_i8_2t(const int8_t *w0, const int8_t *w1, size_t K32, const int8_t *x, int32_t *out0,
+                       int32_t *out1) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i a[8];
+    for (int r = 0; r < 8; r++) a[r] = _mm256_setzero_si256();
+    for (size_t k = 0; k < K32; k += 32) {
+        const int8_t *p0 = w0 + k * 4, *p1 = w1 + k * 4; /* 128 B of each per step */
+        _mm_prefetch((const char *)p0 + OB_PF_I8, _MM_HINT_T0);
+        _mm_prefetch((const char *)p0 + OB_PF_I8 + 64, _MM_HINT_T0);
+        _mm_prefetch((const char *)p1 + OB_PF_I8, _MM_HINT_T0);
+        _mm_prefetch((const char *)p1 + OB_PF_I8 + 64, _MM_HINT_T0);
+        if (OB_PF_FAR) {
+            _mm_prefetch((const char *)p0 + OB_PF_FAR, _MM_HINT_T1);
+            _mm_prefetch((const char *)p0 + OB_PF_FAR + 64, _MM_HINT_T1);
+            _mm_prefetch((const char *)p1 + OB_PF_FAR, _MM_HINT_T1);
+            _mm_prefetch((const char *)p1 + OB_PF_FAR + 64, _MM_HINT_T1);
+        }
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(x + k));
+        for (int r = 0; r < 8; r++) {
+            __m256i wv = _mm256_loadu_si256((const __m256i *)((r < 4 ? p0 : p1) + (r & 3) * 32));
+            __m256i sx = _mm256_sign_epi8(xv, wv);
+            a[r] = _mm256_add_epi32(a[r], _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(wv), sx), ones));
+        }
+    }
+    _mm_storeu_si128((__m128i *)out0, hsum4_epi32(a[0], a[1], a[2], a[3]));
+    _mm_storeu_si128((__m128i *)out1, hsum4_epi32(a[4], a[5], a[6], a[7]));
+}
+
 /* ---- attention ------------------------------------------------------------------------------ */
 
 OB_INLINE __m256 exp256(__m256 x) { /* Cephes-style expf, ~1 ulp on [-87, 88] */
