@@ -484,6 +484,23 @@ static void gemm_glu(ob_ctx *c, const float *full, int T, int N, int silu, float
                   out + (size_t)t * (N / 2));
 }
 
+/* One token: j's tiles in a part per thread, fn(ctx, part, tid) run for each (its j->parts set here). With glu
+ * the GEMV writes its whole output to scratch and the glu kernel follows (see tern_i8_gemv_units). */
+static void tern_i8_gemv_run(ob_ctx *c, tern_job *j, ob_task_fn fn, void *ctx) {
+    const ob_tern *w = j->w;
+    int glu = j->glu;
+    float *y = j->y;
+    ob_parts ps;
+    size_t unit = 2 * (size_t)w->Kp; /* weight bytes per unit: two tiles */
+    ob_parts_init(&ps, j->ntiles, c->nthreads, 2, (int)(OB_GEMV_CHUNK / unit), (int)(OB_GEMV_STEAL / unit));
+    j->parts = &ps;
+    j->glu = 0;
+    if (glu) j->y = ob_scratch(c, 1, sizeof(float) * (size_t)w->N);
+    ob_pool_run(c->pool, fn, ctx, ps.n);
+    if (glu) gemm_glu(c, j->y, 1, w->N, glu == OB_GLU_SILU, y);
+    j->parts = NULL, j->glu = glu, j->y = y;
+}
+
 #ifndef OB_GEMM_Q_BYTES
 #define OB_GEMM_Q_BYTES (192 * 1024)
 #endif
@@ -565,14 +582,7 @@ static void OB_CAT(tern_i8_, OB_ISA)(ob_ctx *c, const ob_tern *w, const int8_t *
     j.w = w, j.xq = xq, j.sums = sums, j.sx = sx, j.T = T, j.y = y, j.acc = acc, j.res = res, j.glu = glu;
     j.ntiles = (w->N + 3) / 4;
     if (T == 1) {
-        ob_parts ps;
-        size_t unit = 2 * (size_t)w->Kp; /* weight bytes per unit: two tiles */
-        ob_parts_init(&ps, j.ntiles, c->nthreads, 2, (int)(OB_GEMV_CHUNK / unit), (int)(OB_GEMV_STEAL / unit));
-        j.parts = &ps;
-        j.glu = 0;
-        if (glu) j.y = ob_scratch(c, 1, sizeof(float) * (size_t)w->N);
-        ob_pool_run(c->pool, tern_i8_gemv_part_task, &j, ps.n);
-        if (glu) gemm_glu(c, j.y, 1, w->N, glu == OB_GLU_SILU, y);
+        tern_i8_gemv_run(c, &j, tern_i8_gemv_part_task, &j);
         return;
     }
     size_t full = glu ? ((size_t)T * w->N * sizeof(float) + 63) & ~(size_t)63 : 0;
@@ -733,9 +743,6 @@ static void dense_task(void *p, int task, int tid) {
 #ifndef OB_DENSE_CHUNK
 #define OB_DENSE_CHUNK (1 << 20)
 #endif
-#ifndef OB_NO_I8_PARTS
-#define OB_NO_I8_PARTS 0
-#endif
 static void dense_units(const void *job, int k, int u0, int n) {
     const dense_job *j = job;
     size_t rb = (size_t)j->K * wsize(j->wtype);
@@ -805,6 +812,9 @@ static void dense_i8_task(void *p, int task, int tid) {
  * process (12 rounds, the int8 bitnet-2b4t head): 0.81x the time (12.15 -> 9.83 ms, 33.4 GB/s) of ~64 tasks per
  * thread from one counter, one tile at a time (-DOB_NO_I8_PARTS=1); the same outputs. A far prefetch of 32 KB and
  * a near one of 2 KB: alike. */
+#ifndef OB_NO_I8_PARTS
+#define OB_NO_I8_PARTS 0
+#endif
 static void dense_i8_store(const dense_job *j, int tile, const int32_t *acc) {
     for (int i = 0; i < 4 && 4 * tile + i < j->N; i++)
         j->y[4 * tile + i] = ((float)acc[i] / j->sx[0]) * j->rscale[4 * tile + i];
@@ -934,8 +944,8 @@ static inline void ob_spin_pause(int k) {
     if ((k & 63) == 0) sched_yield(); /* more threads than cores: let task 0's thread run */
 }
 
-/* Part k's two weight streams (tiles from its front and from its middle, or gate and up tiles), line by line in
- * turn, until task 0 is done or OB_PREP_PF bytes of each are asked for. */
+/* Part k's two weight streams (tiles from its front and from its middle), line by line in turn, until task 0 is
+ * done or OB_PREP_PF bytes of each are asked for. */
 static void prep_prefetch(prep_job *pj, int k) {
     const tern_job *j = &pj->t;
     int a = j->parts->start[k], m = j->parts->start[k + 1] - a, h = (m + 1) / 2;
@@ -972,19 +982,13 @@ static void OB_CAT(tern_i8_x1_, OB_ISA)(ob_ctx *c, const ob_tern *w, const float
     prep_job pj;
     memset(&pj, 0, sizeof pj);
     tern_job *j = &pj.t;
-    j->w = w, j->xq = xq, j->sums = sums, j->sx = sx, j->T = 1, j->y = y, j->res = res;
+    j->w = w, j->xq = xq, j->sums = sums, j->sx = sx, j->T = 1, j->y = y, j->res = res, j->glu = glu;
     j->ntiles = (w->N + 3) / 4;
-    if (glu) j->y = ob_scratch(c, 1, sizeof(float) * (size_t)w->N); /* the glu after the GEMV, as tern_i8_ */
     pj.norm = nw != NULL;
     pj.n = (norm_job){x, nw, w->K, eps, xn};
     pj.q = (quant_job){nw ? xn : x, w->K, w->C, w->cg, w->gpad, xq, sums, sx};
     atomic_init(&pj.ready, 0);
-    ob_parts ps;
-    size_t unit = 2 * (size_t)w->Kp;
-    ob_parts_init(&ps, j->ntiles, c->nthreads, 2, (int)(OB_GEMV_CHUNK / unit), (int)(OB_GEMV_STEAL / unit));
-    j->parts = &ps;
-    ob_pool_run(c->pool, prep_gemv_task, &pj, ps.n);
-    if (glu) gemm_glu(c, j->y, 1, w->N, glu == OB_GLU_SILU, y);
+    tern_i8_gemv_run(c, j, prep_gemv_task, &pj);
 }
 
 typedef struct {
