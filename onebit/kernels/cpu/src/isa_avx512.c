@@ -109,9 +109,9 @@ static void prim_tern_dot4(const uint8_t *w, const int8_t *x, int nblk, int32_t 
 }
 
 #ifdef OB_VNNI
-/* Two 4-row tiles at once: two weight streams in flight on the core, not one (the GEMV pairs a task's tiles, or
- * a gate tile with its up tile). 8 rows of in-place planes would need 32 accumulators, so the word is shifted
- * once: planes 0 / 1 (w & 3, (w >> 2) & 3) sum at scale 1, planes 2 / 3 (w & 0x30, (w >> 2) & 0x30) at 16.
+/* Two 4-row tiles at once: two weight streams in flight on the core, not one (the GEMV pairs tile i of a part's
+ * first half with tile i of its second). 8 rows of in-place planes would need 32 accumulators, so the word is
+ * shifted once: planes 0 / 1 (w & 3, (w >> 2) & 3) sum at scale 1, planes 2 / 3 (w & 0x30, (w >> 2) & 0x30) at 16.
  * Same Xeon, 2 threads, builds alternating: the 120 GEMVs of a token 20.6-21.0 -> 19.6-19.9 ms; the decode step's
  * layers 20.9-21.0 -> 20.3-20.7 ms. The sixteen sums are named variables, not arrays indexed in an unrolled loop:
  * with arrays GCC 12 kept copying sums between registers and spilling six of them every block, and the function

@@ -3,7 +3,6 @@
  * Exactness: the int8 ternary path, activation quantization, RMSNorm, RoPE and relu2 GLU follow
  * numpy_ref operation by operation (built with -ffp-contract=off), so they are bit-identical. */
 #include <math.h>
-#include <sched.h>
 #include <stdatomic.h>
 #include <string.h>
 
@@ -484,8 +483,9 @@ static void gemm_glu(ob_ctx *c, const float *full, int T, int N, int silu, float
                   out + (size_t)t * (N / 2));
 }
 
-/* One token: j's tiles in a part per thread, fn(ctx, part, tid) run for each (its j->parts set here). With glu
- * the GEMV writes its whole output to scratch and the glu kernel follows (see tern_i8_gemv_units). */
+/* One token: j's tiles in a part per thread, fn(ctx, part, tid) run for each. The run points j->parts at its own
+ * (stack) parts and, with glu, j->y at scratch for the whole output, which the glu kernel then reads (see
+ * tern_i8_gemv_units): j is the caller's to drop afterwards. */
 static void tern_i8_gemv_run(ob_ctx *c, tern_job *j, ob_task_fn fn, void *ctx) {
     const ob_tern *w = j->w;
     int glu = j->glu;
@@ -498,7 +498,6 @@ static void tern_i8_gemv_run(ob_ctx *c, tern_job *j, ob_task_fn fn, void *ctx) {
     if (glu) j->y = ob_scratch(c, 1, sizeof(float) * (size_t)w->N);
     ob_pool_run(c->pool, fn, ctx, ps.n);
     if (glu) gemm_glu(c, j->y, 1, w->N, glu == OB_GLU_SILU, y);
-    j->parts = NULL, j->glu = glu, j->y = y;
 }
 
 #ifndef OB_GEMM_Q_BYTES
@@ -712,7 +711,7 @@ typedef struct {
     const float *rscale, *sx;
     int per_task;
     int32_t *iscr;
-    struct ob_parts *parts; /* one token: 4-row groups in a contiguous part per thread, two per unit */
+    struct ob_parts *parts; /* one token: rows (f16 / f32) or 4-row tiles (int8) in a contiguous part per thread */
 } dense_job;
 
 static size_t wsize(int wtype) { return wtype == OB_F32 ? 4 : 2; }
@@ -930,19 +929,9 @@ static void OB_CAT(rmsnorm_, OB_ISA)(ob_ctx *c, const float *x, const float *w, 
 typedef struct {
     tern_job t;
     norm_job n;
-    quant_job q;
-    int norm;
+    quant_job q; /* n.w NULL: no norm */
     _Atomic int ready;
 } prep_job;
-
-static inline void ob_spin_pause(int k) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-    if ((k & 63) == 0) sched_yield(); /* more threads than cores: let task 0's thread run */
-}
 
 /* Part k's two weight streams (tiles from its front and from its middle), line by line in turn, until task 0 is
  * done or OB_PREP_PF bytes of each are asked for. */
@@ -964,7 +953,7 @@ static void prep_gemv_task(void *p, int task, int tid) {
     (void)tid;
     prep_job *pj = p;
     if (task == 0) {
-        if (pj->norm) norm_task(&pj->n, 0, 0);
+        if (pj->n.w) norm_task(&pj->n, 0, 0);
         quant_task(&pj->q, 0, 0);
         atomic_store_explicit(&pj->ready, 1, memory_order_release);
     } else {
@@ -984,7 +973,6 @@ static void OB_CAT(tern_i8_x1_, OB_ISA)(ob_ctx *c, const ob_tern *w, const float
     tern_job *j = &pj.t;
     j->w = w, j->xq = xq, j->sums = sums, j->sx = sx, j->T = 1, j->y = y, j->res = res, j->glu = glu;
     j->ntiles = (w->N + 3) / 4;
-    pj.norm = nw != NULL;
     pj.n = (norm_job){x, nw, w->K, eps, xn};
     pj.q = (quant_job){nw ? xn : x, w->K, w->C, w->cg, w->gpad, xq, sums, sx};
     atomic_init(&pj.ready, 0);

@@ -490,7 +490,7 @@ static PyObject *py_decode_step(PyObject *self, PyObject *const *a, Py_ssize_t n
                         (int)pos, att);
         ok = run_ternary(c, att, 1, &wo, x2, i8, NULL, n_attn, (float)eps, h, OB_GLU_NONE);
         if (!ok) break;
-        if (wgu.N % 8 == 0) { /* gate/up tiles pair up: glu in the epilogue */
+        if (wgu.N % 8 == 0) { /* the linear applies the glu (float activations: in its paired-tile epilogue) */
             ok = run_ternary(c, x2, 1, &wgu, m, i8, NULL, n_post, (float)eps, NULL, act);
         } else {              /* as the per-op path: the product, then the glu kernel */
             ok = run_ternary(c, x2, 1, &wgu, qkv, i8, NULL, n_post, (float)eps, NULL, OB_GLU_NONE);

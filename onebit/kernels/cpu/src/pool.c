@@ -8,14 +8,6 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <time.h>
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define OB_PAUSE() _mm_pause()
-#elif defined(__aarch64__)
-#define OB_PAUSE() __asm__ __volatile__("yield")
-#else
-#define OB_PAUSE() ((void)0)
-#endif
 
 struct ob_pool {
     int n;
@@ -75,7 +67,7 @@ static void *worker(void *a) {
         if (gen == seen && !atomic_load(&p->stop)) {
             long t0 = now_ns();
             for (int k = 1;; k++) {
-                OB_PAUSE();
+                ob_cpu_pause();
                 gen = (uint32_t)(atomic_load_explicit(&p->state, memory_order_acquire) >> 32);
                 if (gen != seen || atomic_load(&p->stop)) break;
                 if ((k & 63) == 0) sched_yield(); /* let the caller run if it shares our core */
@@ -161,9 +153,6 @@ void ob_pool_run(ob_pool *p, ob_task_fn fn, void *ctx, int ntasks) {
     }
     run_tasks(p, gen, 0);
     /* wait for tasks still running elsewhere; yield now and then in case their thread waits for our core */
-    for (int k = 1; atomic_load_explicit(&p->done, memory_order_acquire) < ntasks; k++) {
-        OB_PAUSE();
-        if ((k & 63) == 0) sched_yield();
-    }
+    for (int k = 1; atomic_load_explicit(&p->done, memory_order_acquire) < ntasks; k++) ob_spin_pause(k);
     pthread_mutex_unlock(&p->run_mu);
 }
