@@ -48,6 +48,25 @@ with 8 warps (the baseline run before and after them; H200). Nor tiles of 8 pair
 8 warps; every decode test passed on them): o 1020 / 1216 us, o and q/k/v 1051 / 1205, gate/up 1032 / 1222, down
 (182 registers: one program per SM, 160 programs) 1017 / 1209, against 989 / 1184. More programs, or more warps per
 program, each add a prologue's worth of reductions; the dot is not what they shorten.
+
+Four more that lost (H200, decode step at 64 / 1024 tokens of context, variants alternating in one device run):
+attention's merge folded into the o gemv's prologue (each o program merges the splits that hold positions, one
+after another, in its row layout; no merge kernel for contexts of <= 8 splits; logits bit-identical to the merge
+kernel's): 1087 us at 64 against 1005, as o then holds 180 registers and waits on 2 x 5 dependent L2 loads at 64
+tokens, longer than the merge kernel it replaces. A cap of 128 registers for gate/up (4 programs per SM, not 3, so
+its 432 programs fit one wave): 1004 / 1338 against 1005 / 1340. The next layer's weights read into L2 by a side
+stream of the graph (evict_last loads, 16-512 KB per program): 1008-4895 us against 989, and with the side stream
+quick enough the gemvs took as long as before (gate/up 6.14 us a call), so their time is not DRAM reads. The int8
+input row loaded once into L1 before the slot passes (a 16-byte vector a thread): 1006 / 1202 against 989 / 1184,
+so neither is each pass's own L2 round trip for its input bytes.
+
+What the 991 us of a step at 64 tokens are made of (timing-only builds of the same run, wrong outputs): without
+the gemvs' slot loop (the reduction still over the loaded tile) 734 us, so the dot products' integer work is
+~2.1 us of each of the 120 gemvs; without the fused norm + quantization prologue as well 609 us (~1.4 us of each
+of the 90 gemvs that have one); without o's folded norm as well 555 us (~1.8 us a layer). The 555 us left (183
+kernels' hand-offs, tile loads and reductions, attention, merge, the 79 us lm_head) alone are 37% of the
+roofline, so 35% (~590 us) needs fewer dependent kernels per layer as well as a cheaper dot, not either alone.
+The whole-tile dot pads q/k/v, o and gate/up's 320 words a pair to 512 (37.5% of its integer work on padding).
 """
 
 from __future__ import annotations
