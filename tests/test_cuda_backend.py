@@ -35,6 +35,17 @@ pytest.importorskip("triton")
 from onebit.kernels.triton import kernels as K  # noqa: E402
 from onebit.kernels.triton.backend import TritonCudaBackend  # noqa: E402
 
+if DEVICE == "cpu":  # Triton's interpreter takes int() of a scalar's one-element 1-D array: an error from NumPy 2.4 on
+    from triton.runtime import interpreter as _interp
+
+    _patch_tensor = _interp._patch_lang_tensor
+
+    def _patch_tensor_index(tensor, scope):
+        _patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    _interp._patch_lang_tensor = _patch_tensor_index
+
 def rng():
     return np.random.default_rng()
 
