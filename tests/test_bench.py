@@ -176,6 +176,44 @@ def test_gpu_registers_reports_the_decode_gemvs_without_spills(capsys):
     assert out.count("\n") == 6 and "gate_up" in out
 
 
+def test_gpu_step_chain_times_by_hand():
+    """benchmarks/gpu_step.py's per-kernel chain times: each kernel's end minus its predecessor's, per replay,
+    named by the kernel's place in the layer (embedding, 2 layers of the six decode kernels, lm_head)."""
+    mod = _benchmark_script("gpu_step")
+    names = ["embed"] + ["tgemv", "attn", "merge", "tgemv", "tgemv", "tgemv"] * 2 + ["gemm"]
+    rng = np.random.default_rng()
+    replays, events, want = 8, [], {}
+    for r in range(replays):
+        t = 1000.0 * r
+        gaps = rng.uniform(1, 9, len(names))
+        for j, (name, gap) in enumerate(zip(names, gaps)):
+            t += gap
+            events.append({"name": name, "end": t})
+            if j and r >= replays // 4:  # the first quarter is warm-up
+                key = "gemm" if j == len(names) - 1 else mod.LAYER[(j - 1) % 6]
+                want[key] = want.get(key, 0.0) + gap / (replays - replays // 4)
+    rows = mod.chain_times(events, replays, 2)
+    assert {k: (c, pytest.approx(v)) for k, c, v in rows} == {
+        k: (1 if k == "gemm" else 2, pytest.approx(v)) for k, v in want.items()}
+    assert [v for _, _, v in rows] == sorted((v for _, _, v in rows), reverse=True)
+    odd = mod.chain_times(events[:9] * 2, 2, 2)  # 9 kernels: no whole layers; plain names
+    assert {k for k, _, _ in odd} == {"tgemv", "attn", "merge"}
+    with pytest.raises(ValueError, match="do not split"):
+        mod.chain_times(events[:-1], replays, 2)
+
+
+def test_gpu_step_says_what_it_needs():
+    mod = _benchmark_script("gpu_step")
+    assert mod.main(["--ctx", "0"]) == 2
+    try:
+        import torch
+    except ImportError:
+        assert mod.main(["--ctx", "64"]) == 2
+        return
+    if not torch.cuda.is_available():
+        assert mod.main(["--ctx", "64"]) == 2
+
+
 def _benchmark_script(name: str):
     import importlib.util
     import os

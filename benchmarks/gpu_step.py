@@ -1,0 +1,130 @@
+"""The cuda backend's fused decode step, kernel by kernel: microseconds per CUDA-graph replay at several contexts,
+and where one replay's time goes (each kernel's end minus the previous kernel's end, summed per kernel and its
+place in the layer), on one sequence of the synthetic bitnet-2b4t (or a model folder you name).
+
+    python benchmarks/gpu_step.py [--model PATH] [--ctx 64,1024] [--lm-head int8] [--replays 200]
+
+Inside a graph the kernels run back to back (programmatic dependent launch: each starts while its producer
+runs), so a kernel's share is the time from its producer's end to its own: its chain cost, what a step would
+lose without it. Not a throughput benchmark (``bench_gpu.py`` is): the host is out of the loop here. Needs a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# the decode step's kernels per layer, in launch order, for one sequence (backend.DecodeStep.body)
+LAYER = ("q/k/v gemv", "attention", "merge", "o gemv", "gate/up gemv", "down gemv")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    p.add_argument("--model", default=None, help="model folder (default: the synthetic bitnet-2b4t, written once)")
+    p.add_argument("--ctx", default="64,1024", help="contexts to time, comma-separated (default: 64,1024)")
+    p.add_argument("--lm-head", default="int8", choices=("int8", "f16"), help="lm_head precision (default: int8)")
+    p.add_argument("--replays", type=int, default=200, help="graph replays per timing (default: 200)")
+    p.add_argument("--profiled", type=int, default=20, help="replays under the profiler (default: 20)")
+    return p.parse_args(argv)
+
+
+def chain_times(events: list, replays: int, layers: int) -> list[tuple[str, int, float]]:
+    """[(kernel, calls per replay, us per replay)] from the device events of ``replays`` back-to-back replays
+    (start-ordered dicts with ``name`` and ``end`` in us), dearest first. Kernels between the first and the last
+    (embedding, lm_head) are named by their place in the layer. The first quarter of the replays is left out
+    (warm-up); a replay's first kernel has no predecessor in it and is not counted."""
+    n = len(events) // replays
+    if n < 2 or n * replays != len(events):
+        raise ValueError(f"{len(events)} kernel events do not split into {replays} replays")
+    per = (n - 2) // layers if layers and n > 2 and (n - 2) % layers == 0 else 0
+
+    def key(j: int, name: str) -> str:
+        if not per or not 1 <= j <= per * layers:
+            return name
+        return LAYER[(j - 1) % per] if per == len(LAYER) else f"{name} #{(j - 1) % per}"
+
+    tot: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    for j in range(1, n):
+        k = key(j, events[j]["name"])
+        calls[k] = calls.get(k, 0) + 1
+    skip = replays // 4
+    for r in range(skip, replays):
+        rep = events[r * n:(r + 1) * n]
+        for j in range(1, n):
+            k = key(j, rep[j]["name"])
+            tot[k] = tot.get(k, 0.0) + rep[j]["end"] - rep[j - 1]["end"]
+    return sorted(((k, calls[k], v / (replays - skip)) for k, v in tot.items()), key=lambda t: -t[2])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    ctxs = sorted({int(c) for c in args.ctx.split(",") if c.strip()})
+    if not ctxs or ctxs[0] < 1:
+        print("gpu_step: --ctx wants positive context lengths, e.g. 64,1024", file=sys.stderr)
+        return 2
+    try:
+        import torch
+    except ImportError:
+        print("gpu_step: needs torch and triton (pip install -e \".[gpu]\")", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("gpu_step: no CUDA GPU here", file=sys.stderr)
+        return 2
+    import numpy as np
+
+    import onebit
+    from onebit.eval.bench import synth_models
+
+    path = args.model or synth_models("bitnet-2b4t", log=lambda s: print(s, flush=True))["hf"]
+    m = onebit.load(path, backend="cuda", lm_head=args.lm_head, tokenizer=False)
+    net, be = m.net, m.backend
+    cache = net.make_cache(ctxs[-1] + 8)
+    ids = np.random.default_rng(0).integers(0, net.config.vocab_size, ctxs[-1] + 1).tolist()
+    print(f"{torch.cuda.get_device_name()}, {path}, lm_head {args.lm_head}")
+    for ctx in ctxs:
+        cache.trim(0)
+        for i in range(0, ctx, 512):
+            net.forward_batch([(ids[i:min(ctx, i + 512)], cache)], last_only=True)
+        for _ in range(3):  # eager, capture, replay
+            net.decode_greedy([([ids[ctx]], cache)])
+            cache.trim(ctx)
+        step = be._steps[(id(net), 1)]
+        g = step.graph
+        if g is None:
+            print("gpu_step: the decode step was not captured as a graph", file=sys.stderr)
+            return 1
+        times = []
+        for _ in range(5):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            for _ in range(args.replays):
+                g.replay()
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e) * 1000 / args.replays)
+        print(f"context {ctx}: {min(times):.1f} us a step (best of 5 x {args.replays} replays; "
+              f"median {sorted(times)[2]:.1f})")
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.profiled):
+                g.replay()
+            torch.cuda.synchronize()
+        evs = [{"name": e.name, "end": e.time_range.end}
+               for e in sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                               key=lambda e: e.time_range.start)]
+        rows = chain_times(evs, args.profiled, net.config.num_hidden_layers)
+        print(f"  {'kernel':34s} {'calls':>5s} {'us/step':>8s} {'us/call':>8s}")
+        for name, calls, us in rows:
+            print(f"  {name[:34]:34s} {calls:5d} {us:8.1f} {us / max(1, calls):8.2f}")
+        print(f"  {'sum':34s} {sum(c for _, c, _ in rows):5d} {sum(u for _, _, u in rows):8.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
