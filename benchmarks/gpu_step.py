@@ -67,6 +67,9 @@ def main(argv=None) -> int:
     if not ctxs or ctxs[0] < 1:
         print("gpu_step: --ctx wants positive context lengths, e.g. 64,1024", file=sys.stderr)
         return 2
+    if args.replays < 1 or args.profiled < 1:
+        print("gpu_step: --replays and --profiled want at least 1", file=sys.stderr)
+        return 2
     try:
         import torch
     except ImportError:

@@ -205,6 +205,7 @@ def test_gpu_step_chain_times_by_hand():
 def test_gpu_step_says_what_it_needs():
     mod = _benchmark_script("gpu_step")
     assert mod.main(["--ctx", "0"]) == 2
+    assert mod.main(["--profiled", "0"]) == 2
     try:
         import torch
     except ImportError:
