@@ -10,19 +10,14 @@
 /* ---- thread pool: one persistent set of workers; the caller is thread 0 ---------------------- */
 typedef void (*ob_task_fn)(void *ctx, int task, int thread);
 
-/* One step of a spin-wait: the CPU's pause hint. */
-static inline void ob_cpu_pause(void) {
+/* Step k (from 1) of a spin-wait for another thread: the CPU's pause hint, and a sched_yield every 64th, so an
+ * oversubscribed machine (more runnable threads than cores) lets the awaited thread run. */
+static inline void ob_spin_pause(int k) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
 #elif defined(__aarch64__)
     __asm__ __volatile__("yield");
 #endif
-}
-
-/* Step k (from 1) of a spin-wait for another thread: a pause, and a sched_yield every 64th, so an oversubscribed
- * machine (more runnable threads than cores) lets the awaited thread run. */
-static inline void ob_spin_pause(int k) {
-    ob_cpu_pause();
     if ((k & 63) == 0) sched_yield();
 }
 typedef struct ob_pool ob_pool;

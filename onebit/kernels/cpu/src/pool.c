@@ -67,10 +67,9 @@ static void *worker(void *a) {
         if (gen == seen && !atomic_load(&p->stop)) {
             long t0 = now_ns();
             for (int k = 1;; k++) {
-                ob_cpu_pause();
+                ob_spin_pause(k); /* with a yield now and then: the caller may share our core */
                 gen = (uint32_t)(atomic_load_explicit(&p->state, memory_order_acquire) >> 32);
                 if (gen != seen || atomic_load(&p->stop)) break;
-                if ((k & 63) == 0) sched_yield(); /* let the caller run if it shares our core */
                 if ((k & 255) == 0 && now_ns() - t0 > p->spin_ns) {
                     pthread_mutex_lock(&p->mu);
                     atomic_fetch_add(&p->sleepers, 1);
