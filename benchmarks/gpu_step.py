@@ -34,13 +34,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def chain_times(events: list, replays: int, layers: int) -> list[tuple[str, int, float]]:
     """[(kernel, calls per replay, us per replay)] from the device events of ``replays`` back-to-back replays
-    (start-ordered dicts with ``name`` and ``end`` in us), dearest first. Kernels between the first and the last
-    (embedding, lm_head) are named by their place in the layer. The first quarter of the replays is left out
-    (warm-up); a replay's first kernel has no predecessor in it and is not counted."""
+    (start-ordered dicts with ``name`` and ``end`` in us), dearest first. The layers' kernels, between the first
+    (the embedding) and the last one to three (the lm_head, with the final norm where it is a kernel of its own),
+    are named by their place in the layer. The first quarter of the replays is left out (warm-up); a replay's
+    first kernel has no predecessor in it and is not counted."""
     n = len(events) // replays
     if n < 2 or n * replays != len(events):
         raise ValueError(f"{len(events)} kernel events do not split into {replays} replays")
-    per = (n - 2) // layers if layers and n > 2 and (n - 2) % layers == 0 else 0
+    tails = [t for t in (1, 2, 3) if layers and n - 1 - t >= layers and (n - 1 - t) % layers == 0]
+    per = (n - 1 - tails[0]) // layers if tails else 0
 
     def key(j: int, name: str) -> str:
         if not per or not 1 <= j <= per * layers:

@@ -178,9 +178,10 @@ def test_gpu_registers_reports_the_decode_gemvs_without_spills(capsys):
 
 def test_gpu_step_chain_times_by_hand():
     """benchmarks/gpu_step.py's per-kernel chain times: each kernel's end minus its predecessor's, per replay,
-    named by the kernel's place in the layer (embedding, 2 layers of the six decode kernels, lm_head)."""
+    named by the kernel's place in the layer (embedding, 2 layers of the six decode kernels, the final norm and
+    the lm_head, as the int8 head runs them)."""
     mod = _benchmark_script("gpu_step")
-    names = ["embed"] + ["tgemv", "attn", "merge", "tgemv", "tgemv", "tgemv"] * 2 + ["gemm"]
+    names = ["embed"] + ["tgemv", "attn", "merge", "tgemv", "tgemv", "tgemv"] * 2 + ["norm", "gemm"]
     rng = np.random.default_rng()
     replays, events, want = 8, [], {}
     for r in range(replays):
@@ -190,13 +191,15 @@ def test_gpu_step_chain_times_by_hand():
             t += gap
             events.append({"name": name, "end": t})
             if j and r >= replays // 4:  # the first quarter is warm-up
-                key = "gemm" if j == len(names) - 1 else mod.LAYER[(j - 1) % 6]
+                key = names[j] if j > 12 else mod.LAYER[(j - 1) % 6]
                 want[key] = want.get(key, 0.0) + gap / (replays - replays // 4)
     rows = mod.chain_times(events, replays, 2)
     assert {k: (c, pytest.approx(v)) for k, c, v in rows} == {
-        k: (1 if k == "gemm" else 2, pytest.approx(v)) for k, v in want.items()}
+        k: (1 if k in ("norm", "gemm") else 2, pytest.approx(v)) for k, v in want.items()}
     assert [v for _, _, v in rows] == sorted((v for _, _, v in rows), reverse=True)
-    odd = mod.chain_times(events[:9] * 2, 2, 2)  # 9 kernels: no whole layers; plain names
+    short = [dict(e, end=e["end"] + 5) for e in events[:14]]  # only the lm_head after the layers
+    assert {k for k, _, _ in mod.chain_times(events[:14] + short, 2, 2)} == set(mod.LAYER) | {"norm"}
+    odd = mod.chain_times(events[:9] * 2, 2, 10)  # 9 kernels cannot hold 10 layers: plain names
     assert {k for k, _, _ in odd} == {"tgemv", "attn", "merge"}
     with pytest.raises(ValueError, match="do not split"):
         mod.chain_times(events[:-1], replays, 2)

@@ -46,6 +46,7 @@ if DEVICE == "cpu":  # Triton's interpreter takes int() of a scalar's one-elemen
 
     _interp._patch_lang_tensor = _patch_tensor_index
 
+
 def rng():
     return np.random.default_rng()
 
