@@ -71,7 +71,8 @@ def compile_gemv(spec: dict, arch: int, unroll: int, warps: int | None) -> dict:
     sig = {a: "constexpr" if a in const else PTR_TYPES.get(a, "fp32" if a in ("eps", "nx_eps") else "i32")
            for a in names}
     src = ASTSource(fn, sig, constexprs={(names.index(a),): v for a, v in const.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    cap = K.gemv_regs(lay, 1, "cuda")  # the launch's register cap, if any (kernels.GEMV_WIDE_MAXNREG)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, **cap})
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
@@ -84,7 +85,7 @@ def compile_gemv(spec: dict, arch: int, unroll: int, warps: int | None) -> dict:
     ops = re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass, re.M)
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
     return dict(name=spec["name"], programs=lay.tiles, words=lay.kwt, tile_words=const["KWP"], warps=warps,
-                unroll=unroll,
+                unroll=unroll, cap=cap.get("maxnreg"),
                 regs=regs, stack=int(re.search(r"STACK:(\d+)", usage).group(1)), sass=len(ops),
                 mix=collections.Counter(ops).most_common(8),
                 per_sm=min(64 // warps, 65536 // (warps * 32 * (-(-regs // 8) * 8))))

@@ -162,15 +162,17 @@ def test_synth_models_written_once(tmp_path):
 
 def test_gpu_registers_reports_the_decode_gemvs_without_spills(capsys):
     """benchmarks/gpu_registers.py compiles the decode step's GEMVs for sm_90 here (Triton's ptxas; no GPU): four
-    rows, and at the default slot loop none spills more than a few bytes (8 slots unrolled spilled 1-2 KB)."""
+    rows, and at the default slot loop none spills more than a few bytes (8 slots unrolled spilled 1-2 KB) but
+    the one its register cap holds to fewer (down: a few hundred bytes, measured faster)."""
     pytest.importorskip("triton")
     mod = _benchmark_script("gpu_registers")
     from onebit.synth import synth_config
 
     rows = [mod.compile_gemv(g, 90, 2, None) for g in mod.gemvs(synth_config("bitnet-2b4t"))]
     assert [r["name"] for r in rows] == ["qkv", "o", "gate_up", "down"]
+    assert [r["cap"] is not None for r in rows] == [False, False, False, True]
     for r in rows:
-        assert 0 < r["regs"] <= 255 and r["stack"] <= 64 and r["per_sm"] >= 1, r
+        assert 0 < r["regs"] <= (r["cap"] or 255) and r["stack"] <= (256 if r["cap"] else 64) and r["per_sm"] >= 1, r
     assert mod.main(["--unroll", "2"]) == 0
     out = capsys.readouterr().out
     assert out.count("\n") == 6 and "gate_up" in out

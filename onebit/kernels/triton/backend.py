@@ -67,6 +67,14 @@ of the 90 gemvs that have one); without o's folded norm as well 555 us (~1.8 us 
 kernels' hand-offs, tile loads and reductions, attention, merge, the 79 us lm_head) alone are 37% of the
 roofline, so 35% (~590 us) needs fewer dependent kernels per layer as well as a cheaper dot, not either alone.
 The whole-tile dot pads q/k/v, o and gate/up's 320 words a pair to 512 (37.5% of its integer work on padding).
+
+Two more that did not pay (H200, same run): the tile as five chunks of 64 words (no padding: 37.5% less integer
+work for q/k/v, o and gate/up; every input loaded in one round trip, in the tile rows' layout): 988.7 / 1180.7 us at
+64 / 1024 tokens against 989.3 / 1183.7, so the padding's arithmetic is indeed off the critical path; with the
+norm + quantization prologue in registers as well (no scratch row, no barrier): 1060 / 1205, as Triton then loads
+and normalizes the row twice (once in the tile rows' layout, once in its reductions' own) and q/k/v and o hold 255
+registers, so the kernels launched early beside them (attention: 5.9 us a call, not 4.2) find no room on their SMs.
+That room is what ``kernels.GEMV_WIDE_MAXNREG`` buys the down gemv (981 / 1177 us against 990 / 1186).
 """
 
 from __future__ import annotations

@@ -845,6 +845,13 @@ GEMV_TILE_WORDS = 1024
 # 1001 / 1341, 2 slots 972 / 1311, 4 slots 994 / 1336. The qkv, o and down gemvs run 8 warps, gate/up 4 (8 warps
 # with 1 or 2 slots: 1092 / 1029 us at 64).
 SLOT_UNROLL = 2
+# A register cap for the one-token gemv of more than 512 words per pair (bitnet-2b4t's down: 215 -> 168 registers,
+# 176 bytes of stack): its programs, launched early (PDL), then fit on an SM beside one program of the gate/up gemv
+# before it (18K + 43K registers of 64K, not 18K + 57K), so they start reading their tiles sooner. H200, decode step
+# at 64 / 1024 tokens of context, alternating in one run: 980.7-981.0 / 1176.4-1177.3 us with it, 989.9-990.2 /
+# 1185.5-1187.0 without; 152 registers 996 / 1192, 184 992 / 1188; 128 (beside a q/k/v program too, which then took
+# 5.4 us, not ~6.1) 1095 / 1336 as down spilled. CUDA only (the launch option is NVIDIA's); None: no cap.
+GEMV_WIDE_MAXNREG = 168
 # The decode step's o gemv (one to GEMV_MAX_TOKENS tokens, int8 activations): its last program normalizes and
 # quantizes the residual rows for gate/up (``matmul``'s next_norm), no norm + quantization kernel of its own.
 FOLD_NORM = os.environ.get("ONEBIT_FOLD_NORM", "1") != "0"
@@ -1140,6 +1147,15 @@ def gemv_constexprs(lay: TernaryLayout, *, xq: bool, norm: bool, quant: bool, ep
     return const, warps
 
 
+def gemv_regs(lay: TernaryLayout, m: int, device) -> dict:
+    """``_tgemv_kernel``'s register cap as a launch option (see GEMV_WIDE_MAXNREG), or none."""
+    device = torch.device(device)
+    wide = GEMV_WIDE_MAXNREG and lay.kwt > 512 and m == 1
+    if not wide or device.type != "cuda" or torch.version.hip is not None or os.environ.get("TRITON_INTERPRET") == "1":
+        return {}
+    return {"maxnreg": GEMV_WIDE_MAXNREG}
+
+
 def _ternary_gemv(x, w: Matrix, lay: TernaryLayout, m: int, xq: bool, sx, norm, eps: float, quant: bool, out,
                   residual: bool, glu, qkv, n_out: int, next_norm: tuple | None = None) -> torch.Tensor:
     dev = x.device
@@ -1162,7 +1178,7 @@ def _ternary_gemv(x, w: Matrix, lay: TernaryLayout, m: int, xq: bool, sx, norm, 
         x, sx if xq else d, norm if norm is not None else d, w.data, w.scales, out, scq, scf, ss, m, w.n, lay.np,
         lay.pair, lay.nseg, eps, q.get("q_out", d), q.get("cos", d), q.get("sin", d), q.get("pos", d),
         q.get("base", d), q.get("maxlen", d), q.get("layer", 0), q.get("hq", 1), q.get("hkv", 1),
-        nx[0], nx[2], nx[3], cnt, float(nx[1]), **const, num_warps=warps, **_pdl(dev))
+        nx[0], nx[2], nx[3], cnt, float(nx[1]), **const, num_warps=warps, **_pdl(dev), **gemv_regs(lay, m, dev))
     return out
 
 
