@@ -846,11 +846,13 @@ GEMV_TILE_WORDS = 1024
 # with 1 or 2 slots: 1092 / 1029 us at 64).
 SLOT_UNROLL = 2
 # A register cap for the one-token gemv of more than 512 words per pair (bitnet-2b4t's down: 215 -> 168 registers,
-# 176 bytes of stack): its programs, launched early (PDL), then fit on an SM beside one program of the gate/up gemv
+# 144 bytes of stack): its programs, launched early (PDL), then fit on an SM beside one program of the gate/up gemv
 # before it (18K + 43K registers of 64K, not 18K + 57K), so they start reading their tiles sooner. H200, decode step
 # at 64 / 1024 tokens of context, alternating in one run: 980.7-981.0 / 1176.4-1177.3 us with it, 989.9-990.2 /
 # 1185.5-1187.0 without; 152 registers 996 / 1192, 184 992 / 1188; 128 (beside a q/k/v program too, which then took
-# 5.4 us, not ~6.1) 1095 / 1336 as down spilled. CUDA only (the launch option is NVIDIA's); None: no cap.
+# 5.4 us, not ~6.1) 1095 / 1336 as down spilled. Capping q/k/v at 88 (to fit beside down) and o at 112 (two gate/up
+# programs beside it) as well: 982.4-983.0 / 1176.4-1177.2 against 979.6-980.7 / 1173.7-1173.8 (another run).
+# CUDA only (the launch option is NVIDIA's); None: no cap.
 GEMV_WIDE_MAXNREG = 168
 # The decode step's o gemv (one to GEMV_MAX_TOKENS tokens, int8 activations): its last program normalizes and
 # quantizes the residual rows for gate/up (``matmul``'s next_norm), no norm + quantization kernel of its own.
