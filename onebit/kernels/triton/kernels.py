@@ -890,16 +890,21 @@ def _scratch(device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Te
 
 
 @functools.lru_cache(maxsize=None)
+def _nvidia(device: str) -> bool:
+    """A CUDA device that Triton compiles for with its NVIDIA backend (not the CPU interpreter, not HIP): where
+    NVIDIA's launch options (launch_pdl, maxnreg) apply."""
+    return (torch.device(device).type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+            and torch.version.hip is None)
+
+
+@functools.lru_cache(maxsize=None)
 def _pdl_capable(device: str) -> bool:
-    if os.environ.get("TRITON_INTERPRET") == "1" or torch.version.hip is not None:
-        return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    return _nvidia(device) and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _pdl(device) -> dict:
     """Launch options: GDC (the kernels' constexpr) and, where it is on, launch_pdl."""
-    device = torch.device(device)
-    if not PDL or device.type != "cuda" or not _pdl_capable(str(device)):
+    if not PDL or not _pdl_capable(str(torch.device(device))):
         return {"GDC": False}
     return {"GDC": True, "launch_pdl": True}
 
@@ -1151,9 +1156,7 @@ def gemv_constexprs(lay: TernaryLayout, *, xq: bool, norm: bool, quant: bool, ep
 
 def gemv_regs(lay: TernaryLayout, m: int, device) -> dict:
     """``_tgemv_kernel``'s register cap as a launch option (see GEMV_WIDE_MAXNREG), or none."""
-    device = torch.device(device)
-    wide = GEMV_WIDE_MAXNREG and lay.kwt > 512 and m == 1
-    if not wide or device.type != "cuda" or torch.version.hip is not None or os.environ.get("TRITON_INTERPRET") == "1":
+    if not (GEMV_WIDE_MAXNREG and lay.kwt > 512 and m == 1) or not _nvidia(str(torch.device(device))):
         return {}
     return {"maxnreg": GEMV_WIDE_MAXNREG}
 
