@@ -1,8 +1,10 @@
 """The cuda backend's fused decode step, kernel by kernel: microseconds per CUDA-graph replay at several contexts,
 and where one replay's time goes (each kernel's end minus the previous kernel's end, summed per kernel and its
-place in the layer), on one sequence of the synthetic bitnet-2b4t (or a model folder you name).
+place in the layer), on one sequence of the synthetic bitnet-2b4t (or a model folder you name), or on --batch
+sequences, each with the same context (the decode step of their batch bucket; its kernels are then named by their
+index in the layer).
 
-    python benchmarks/gpu_step.py [--model PATH] [--ctx 64,1024] [--lm-head int8] [--replays 200]
+    python benchmarks/gpu_step.py [--model PATH] [--ctx 64,1024] [--batch 1] [--lm-head int8] [--replays 200]
 
 Inside a graph the kernels run back to back (programmatic dependent launch: each starts while its producer
 runs), so a kernel's share is the time from its producer's end to its own: its chain cost, what a step would
@@ -26,6 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--model", default=None, help="model folder (default: the synthetic bitnet-2b4t, written once)")
     p.add_argument("--ctx", default="64,1024", help="contexts to time, comma-separated (default: 64,1024)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step, 1-64 (default: 1)")
     p.add_argument("--lm-head", default="int8", choices=("int8", "f16"), help="lm_head precision (default: int8)")
     p.add_argument("--replays", type=int, default=200, help="graph replays per timing (default: 200)")
     p.add_argument("--profiled", type=int, default=20, help="replays under the profiler (default: 20)")
@@ -69,6 +72,9 @@ def main(argv=None) -> int:
     if not ctxs or ctxs[0] < 1:
         print("gpu_step: --ctx wants positive context lengths, e.g. 64,1024", file=sys.stderr)
         return 2
+    if not 1 <= args.batch <= 64:
+        print("gpu_step: --batch wants 1 to 64 sequences (the largest decode graph's batch)", file=sys.stderr)
+        return 2
     if args.replays < 1 or args.profiled < 1:
         print("gpu_step: --replays and --profiled want at least 1", file=sys.stderr)
         return 2
@@ -84,21 +90,25 @@ def main(argv=None) -> int:
 
     import onebit
     from onebit.eval.bench import synth_models
+    from onebit.kernels.triton.backend import BUCKETS
 
     path = args.model or synth_models("bitnet-2b4t", log=lambda s: print(s, flush=True))["hf"]
     m = onebit.load(path, backend="cuda", lm_head=args.lm_head, tokenizer=False)
     net, be = m.net, m.backend
-    cache = net.make_cache(ctxs[-1] + 8)
-    ids = np.random.default_rng(0).integers(0, net.config.vocab_size, ctxs[-1] + 1).tolist()
-    print(f"{torch.cuda.get_device_name()}, {path}, lm_head {args.lm_head}")
+    caches = [net.make_cache(ctxs[-1] + 8) for _ in range(args.batch)]
+    ids = np.random.default_rng(0).integers(0, net.config.vocab_size, (args.batch, ctxs[-1] + 1)).tolist()
+    bucket = next(b for b in BUCKETS if b >= args.batch)
+    print(f"{torch.cuda.get_device_name()}, {path}, lm_head {args.lm_head}, {args.batch} sequence(s) a step")
     for ctx in ctxs:
-        cache.trim(0)
-        for i in range(0, ctx, 512):
-            net.forward_batch([(ids[i:min(ctx, i + 512)], cache)], last_only=True)
+        for row, cache in zip(ids, caches):
+            cache.trim(0)
+            for i in range(0, ctx, 512):
+                net.forward_batch([(row[i:min(ctx, i + 512)], cache)], last_only=True)
         for _ in range(3):  # eager, capture, replay
-            net.decode_greedy([([ids[ctx]], cache)])
-            cache.trim(ctx)
-        step = be._steps[(id(net), 1)]
+            net.decode_greedy([([row[ctx]], cache) for row, cache in zip(ids, caches)])
+            for cache in caches:
+                cache.trim(ctx)
+        step = be._steps[(id(net), bucket)]
         g = step.graph
         if g is None:
             print("gpu_step: the decode step was not captured as a graph", file=sys.stderr)
@@ -113,7 +123,7 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
             times.append(s.elapsed_time(e) * 1000 / args.replays)
         print(f"context {ctx}: {min(times):.1f} us a step (best of 5 x {args.replays} replays; "
-              f"median {sorted(times)[2]:.1f})")
+              f"median {sorted(times)[2]:.1f}), {args.batch * 1e6 / min(times):.0f} tokens/s")
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -211,6 +211,7 @@ def test_gpu_step_says_what_it_needs():
     mod = _benchmark_script("gpu_step")
     assert mod.main(["--ctx", "0"]) == 2
     assert mod.main(["--profiled", "0"]) == 2
+    assert mod.main(["--batch", "0"]) == 2 and mod.main(["--batch", "65"]) == 2
     try:
         import torch
     except ImportError:

@@ -81,6 +81,42 @@ def test_ternary_matmul_is_integer_exact(m, n, k, tile, monkeypatch):
     np.testing.assert_array_equal(host(got), int_dot(xq, w.ternary()).astype(np.float32))
 
 
+
+@pytest.mark.parametrize("m", [3, 5, 16, 17, 32])
+@pytest.mark.parametrize("n,k", [(37, 333), (70, 2560), (40, 4500)])  # 4500: two input segments, masked inputs
+@pytest.mark.parametrize("splits", ["one", "most"])
+def test_few_token_gemm_is_integer_exact_and_fuses_its_epilogues(m, n, k, splits, monkeypatch):
+    """_tgemm_few_kernel (FEW_MIN..FEW_MAX tokens): with scales of 1 its output is the reference's int32 dot,
+    unsplit and split over K as far as it goes (the splits' sums added by each tile's last program), twice in a
+    row (the tiles' counters are reset for the next launch); its residual add and gated activation equal the
+    plain product followed by torch's."""
+    monkeypatch.setattr(K, "FEW_PROGRAMS_PER_SM", 0 if splits == "one" else 1 << 20)
+    monkeypatch.setattr(K, "FEW_MIN", 3)  # every token count here takes it (the default starts higher)
+    calls = []
+    few = K._ternary_few
+    monkeypatch.setattr(K, "_ternary_few", lambda *a, **kw: calls.append(a[3]) or few(*a, **kw))
+    w = random_ternary(n, k)
+    be = backend()
+    mat = be.prepare_ternary(w)
+    xq = rng().integers(-128, 128, (m, k)).astype(np.int8)
+    want = int_dot(xq, w.ternary()).astype(np.float32)
+    for _ in range(2):
+        got = K.matmul(dev(xq), mat, sx=dev(np.ones(m, np.float32)))
+        np.testing.assert_array_equal(host(got), want)
+    assert calls == [m, m]
+    sx = dev(rng().uniform(0.5, 50, m).astype(np.float32))
+    mat = be.prepare_ternary(random_ternary(2 * n, k, 0.9))  # (gate n, up n) pairs
+    y = K.matmul(dev(xq), mat, sx=sx)
+    base = dev(rng().standard_normal((m, 2 * n)).astype(np.float32))
+    res = base.clone()
+    K.matmul(dev(xq), mat, sx=sx, out=res, residual=True)
+    torch.testing.assert_close(res, base + y, rtol=0, atol=0)
+    for act in (K.ACT_RELU2, K.ACT_SILU):
+        g, u = y[:, :n], y[:, n:]
+        glu = (torch.square(torch.clamp_min(g, 0)) if act == K.ACT_RELU2 else g / (1 + torch.exp(-g))) * u
+        torch.testing.assert_close(K.matmul(dev(xq), mat, sx=sx, glu=act), glu, rtol=1e-6, atol=1e-6)
+    assert len(calls) == 6
+
 @pytest.mark.parametrize("n,k,groups", [(37, 333, 1), (48, 512, 2), (5, 16, 1), (64, 4500, 1)])
 def test_ternary_layout_round_trips_and_re_pairs(n, k, groups):
     """Packing into paired-row words loses nothing, and re-pairing rows (as the decode plan does for q/k/v)

@@ -19,12 +19,14 @@ Portable Triton only (no inline assembly), so Triton's AMD backend can compile t
 Kernel families: ternary ``tgemv`` (1-4 tokens: GEMV_MAX_TOKENS; CUDA cores, RMSNorm + quantization once per
 program in its prologue for one token and a grid of <= 2 programs per SM, else ``norm_quant`` first and int8
 input: PROLOGUE_*; residual add, gated activation or RoPE + KV append in its epilogue) and ``tgemm``
-(more tokens: the same words unpacked for tensor-core ``tl.dot``); dense ``gemv`` / ``gemm`` (the lm_head; the
-int8 head on the tensor cores at any token count); ``norm_quant``; split-KV decode attention (CUDA-core FMAs,
-16-byte vector loads of the cache) + merge; causal prefill attention; RoPE; embedding gather. Every kernel takes a
-GDC flag: launched with programmatic dependent launch (``PDL``), it waits for its producer in
-``_after_producers``, and what it does before that (the gemv: its whole weight tile and norm weight; with
-EARLY, the decode step's position / length / cache tables: ``EARLY_TABLES``) reads no kernel's output.
+(more tokens: the same words unpacked for tensor-core ``tl.dot``; ``tgemm_few`` for FEW_MIN..FEW_MAX tokens:
+read as bytes, four codes per op, split over K, with the gemv's residual and gated-activation epilogues);
+dense ``gemv`` / ``gemm`` (the lm_head; the int8 head on the tensor cores at any token count); ``norm_quant``;
+split-KV decode attention (CUDA-core FMAs, 16-byte vector loads of the cache) + merge; causal prefill attention;
+RoPE; embedding gather. Every kernel takes a GDC flag: launched with programmatic dependent launch (``PDL``), it
+waits for its producer in ``_after_producers``, and what it does before that (the gemv: its whole weight tile and
+norm weight; with EARLY, the decode step's position / length / cache tables: ``EARLY_TABLES``) reads no kernel's
+output.
 """
 
 from __future__ import annotations
@@ -263,6 +265,17 @@ def _gemv_kernel(x_ptr, w_ptr, sc_ptr, out_ptr, key_ptr, M, K, N, RESIDUAL: tl.c
 
 
 @triton.jit
+def _glu(gate, up, ACT: tl.constexpr):
+    """The gated activation: relu(gate)^2 * up (ACT_RELU2) or silu(gate) * up (ACT_SILU)."""
+    if ACT == 0:
+        gg = tl.maximum(gate, 0.0)
+        a = gg * gg
+    else:
+        a = gate / (1.0 + tl.exp(-gate))
+    return a * up
+
+
+@triton.jit
 def _pair_rows(p, P, NP, N):
     """For row pairs p: (pair valid, row A, row B, row A valid, row B valid); see ``TernaryLayout``."""
     pmask = p < NP
@@ -481,12 +494,7 @@ def _tgemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, scq_ptr, scf_pt
             tl.store(out_ptr + mi * N + ra, old_a + ya, mask=ma)
             tl.store(out_ptr + mi * N + rb, old_b + yb, mask=mb)
         elif EPI == 2:
-            if ACT == 0:
-                gg = tl.maximum(ya, 0.0)
-                a = gg * gg
-            else:
-                a = ya / (1.0 + tl.exp(-ya))
-            tl.store(out_ptr + mi * P + p, a * yb, mask=pmask)
+            tl.store(out_ptr + mi * P + p, _glu(ya, yb, ACT), mask=pmask)
         else:
             if EARLY:
                 if mi > 0:
@@ -581,6 +589,96 @@ def _tgemm_kernel(x_ptr, sx_ptr, w_ptr, sc_ptr, out_ptr, M, N, NP, P, NSEG,
         ob += tl.load(pb, mask=omb, other=0.0)
     tl.store(pa, oa, mask=oma)
     tl.store(pb, ob, mask=omb)
+
+
+@triton.jit
+def _few_block(w_ptr, boff, jb, b, NB: tl.constexpr, GW: tl.constexpr, PB: tl.constexpr):
+    """Block b of a program's pair columns in ``_tgemm_few_kernel``: bytes int8 [BKW words, 4 BPG]."""
+    g = b // NB
+    return tl.load(w_ptr + boff[None, :] + ((g * GW + (b - g * NB) * jb.shape[0] + jb) * (PB * 4))[:, None])
+
+
+@triton.jit
+def _tgemm_few_kernel(x_ptr, sx_ptr, w_ptr, sc_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, NP, P, NBLK, BPS,
+                      KIN: tl.constexpr, KWT: tl.constexpr, GW: tl.constexpr, GS: tl.constexpr, MASKK: tl.constexpr,
+                      PB: tl.constexpr, EPI: tl.constexpr, ACT: tl.constexpr, KS: tl.constexpr, WSN: tl.constexpr,
+                      BM: tl.constexpr, BPG: tl.constexpr, BKW: tl.constexpr, GDC: tl.constexpr):
+    """Ternary GEMM for a few tokens (int8 activations, one column group) on the tensor cores, split over K.
+
+    The paired-row words are read as bytes: byte c of a word holds slots 4 (c % 2) .. 4 (c % 2) + 3 of row A
+    (c < 2) or row B, so ``(byte >> 2 s) & 3`` (s = 0..3) gives the codes of slots s and s + 4 of both rows at
+    once, one op per byte for four codes (``_tgemm_kernel`` unpacks one code per op). Each s is one int8 dot of
+    [BM, 2 BKW] inputs (slots s and s + 4) by [2 BKW, 2 BPG] codes (t + 1; sum(x) is subtracted: integer-exact).
+
+    Program (m block, pair block, k split): its blocks of BKW words, the first read before the wait for the
+    producers (PDL), each next one while the current one's dots run. With KS > 1 the splits store their int32
+    sums in ws_ptr [KS, rows, WSN]; the last of a tile's splits to count itself at cnt_ptr (acquire) adds them,
+    resets the counter and runs the epilogue: EPI_STORE, EPI_RESIDUAL or EPI_GLU (as ``_tgemv_kernel``'s)."""
+    pm, pn, pk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NB: tl.constexpr = GW // BKW
+    cols = tl.arange(0, 4 * BPG)  # byte columns: pair cols // 4, byte cols % 4
+    pc = pn * BPG + cols // 4
+    boff = ((pc // PB) * (KWT * PB) + pc % PB) * 4 + cols % 4  # byte offset of the column's word 0
+    jb = tl.arange(0, BKW)
+    b0 = pk * BPS
+    b1 = tl.minimum(NBLK, b0 + BPS)
+    wb = _few_block(w_ptr, boff, jb, b0, NB, GW, PB)
+    _after_producers(GDC)
+    rm = pm * BM + tl.arange(0, BM)
+    mmask = rm < M
+    kk2 = tl.arange(0, 2 * BKW)  # a dot's inputs: (slot s or s + 4, word)
+    acc = tl.zeros([BM, 2 * BPG], dtype=tl.int32)
+    xs = tl.zeros([BM], dtype=tl.int32)
+    for b in range(b0, b1):
+        g = b // NB
+        c0 = (b - g * NB) * BKW
+        nxt = _few_block(w_ptr, boff, jb, tl.minimum(b + 1, b1 - 1), NB, GW, PB)
+        for sp in tl.static_range(4):
+            cb = tl.reshape((wb >> (2 * sp)) & 3, [BKW, BPG, 2, 2])  # (word, pair, A/B, slot s / s + 4)
+            cb = tl.reshape(tl.permute(cb, [3, 0, 1, 2]), [2 * BKW, 2 * BPG])
+            k = g * GS + (sp + 4 * (kk2 // BKW)) * GW + c0 + kk2 % BKW
+            xm = mmask[:, None]
+            if MASKK:
+                xm = xm & (k < KIN)[None, :]
+            x = tl.load(x_ptr + rm[:, None] * KIN + k[None, :], mask=xm, other=0)
+            acc += tl.dot(x, cb)
+            xs += tl.sum(x.to(tl.int32), 1)
+        wb = nxt
+    acc -= xs[:, None]
+    n2 = tl.arange(0, 2 * BPG)  # output columns: (pair, A/B)
+    last = True
+    if KS > 1:
+        wsp = ws_ptr + rm[:, None] * WSN + (pn * 2 * BPG + n2)[None, :]
+        split = tl.num_programs(0) * BM * WSN
+        tl.store(wsp + pk * split, acc, mask=mmask[:, None])
+        tl.debug_barrier()  # every thread's sums are stored before the count releases them
+        cnt = cnt_ptr + pm * tl.num_programs(1) + pn
+        last = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == KS - 1
+    if last:
+        if KS > 1:
+            acc = tl.zeros_like(acc)
+            for j in range(KS):
+                acc += tl.load(wsp + j * split, mask=mmask[:, None], other=0, cache_modifier=".cg")
+            tl.store(cnt, 0)
+        p = pn * BPG + n2 // 2
+        pmask, ra, rb, ma, mb = _pair_rows(p, P, NP, N)
+        isb = (n2 % 2) == 1
+        row = tl.where(isb, rb, ra)
+        rmask = tl.where(isb, mb, ma)
+        sc = tl.load(sc_ptr + row, mask=rmask, other=0.0)
+        sx = tl.load(sx_ptr + rm, mask=mmask, other=1.0)
+        y = _mul_rn(acc.to(tl.float32) / sx[:, None], sc[None, :])
+        if EPI == 2:
+            ya, yb = tl.split(tl.reshape(y, [BM, BPG, 2]))
+            pp = pn * BPG + tl.arange(0, BPG)
+            tl.store(out_ptr + rm[:, None] * P + pp[None, :], _glu(ya, yb, ACT),
+                     mask=mmask[:, None] & (pp < NP)[None, :])
+        else:
+            om = mmask[:, None] & rmask[None, :]
+            optr = out_ptr + rm[:, None] * N + row[None, :]
+            if EPI == 1:
+                y += tl.load(optr, mask=om, other=0.0)
+            tl.store(optr, y, mask=om)
 
 
 @triton.jit
@@ -854,6 +952,19 @@ SLOT_UNROLL = 2
 # programs beside it) as well: 982.4-983.0 / 1176.4-1177.2 against 979.6-980.7 / 1173.7-1173.8 (another run).
 # CUDA only (the launch option is NVIDIA's); None: no cap.
 GEMV_WIDE_MAXNREG = 168
+# Ternary GEMMs of FEW_MIN..FEW_MAX tokens on int8 activations with one column group (batched decode of 17-32
+# sequences, prefill chunks of as many tokens) take ``_tgemm_few_kernel``: tiles of FEW_PAIRS pairs x FEW_WORDS
+# words a block on FEW_WARPS warps, split over K to ~FEW_PROGRAMS_PER_SM programs per SM. H200, bitnet-2b4t: a
+# decode step of 32 sequences 4246 us against 7081 with _tgemm_kernel (whose 16-pair tiles of 32 tokens are slow),
+# of 8 sequences 2942 against 3019, of 16 3522 against 3245 and of 4 (its gate/up and down; the gemv's fusions
+# kept for q/k/v and o) 3210 against 2769, so it starts at 17 tokens. Timed alone with the weights in L2 (CUDA
+# graphs of 20 launches of one linear) it looked better everywhere from 3 tokens (a layer's four linears at 8 / 16
+# tokens: 44 / 47 us against 74 / 75): its K-split programs wait on DRAM in the step. Tried there: 32 pairs, 64
+# words, 4 or 8 warps, half / twice the programs; the splits' sums added with int32 atomics gave wrong sums for
+# 32-pair x 32-word tiles (stores + one counter kept: exact).
+FEW_MIN, FEW_MAX = 17, 32
+FEW_PAIRS, FEW_WORDS, FEW_WARPS, FEW_PROGRAMS_PER_SM = 16, 32, 2, 8
+FEW_WS_INTS, FEW_COUNTERS = 1 << 21, 4096  # its splits' int32 sums and the tiles' counters (_few_scratch)
 # The decode step's o gemv (one to GEMV_MAX_TOKENS tokens, int8 activations): its last program normalizes and
 # quantizes the residual rows for gate/up (``matmul``'s next_norm), no norm + quantization kernel of its own.
 FOLD_NORM = os.environ.get("ONEBIT_FOLD_NORM", "1") != "0"
@@ -867,6 +978,7 @@ PDL = os.environ.get("ONEBIT_PDL", "1") != "0"
 EARLY_TABLES = True
 _DUMMY: dict = {}
 _SCRATCH: dict = {}
+_FEW_SCRATCH: dict = {}
 
 
 def _dummy(device) -> torch.Tensor:
@@ -888,6 +1000,16 @@ def _scratch(device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Te
                          torch.zeros(1, dtype=torch.int32, device=device))
     return _SCRATCH[key]
 
+
+
+def _few_scratch(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_tgemm_few_kernel``'s split sums (int32 [FEW_WS_INTS]) and tile counters (zero between launches: the
+    last split resets its tile's). Fixed for the process, like _scratch."""
+    key = str(device)
+    if key not in _FEW_SCRATCH:
+        _FEW_SCRATCH[key] = (torch.zeros(FEW_WS_INTS, dtype=torch.int32, device=device),
+                             torch.zeros(FEW_COUNTERS, dtype=torch.int32, device=device))
+    return _FEW_SCRATCH[key]
 
 @functools.lru_cache(maxsize=None)
 def _nvidia(device: str) -> bool:
@@ -1079,7 +1201,10 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
     d = _dummy(dev)
     xq = sx is not None
     n_out = w.n // 2 if glu is not None else w.n
-    gemv = w.kind == W_TERNARY and m <= GEMV_MAX_TOKENS and (xq or w.k <= SCRATCH_K)
+    # a few tokens on int8 go to _tgemm_few_kernel, but for the gemv's fusions at up to GEMV_MAX_TOKENS
+    few = (w.kind == W_TERNARY and w.c == 1 and (xq or quant) and FEW_MIN <= m <= FEW_MAX and qkv is None
+           and (next_norm is None or m > GEMV_MAX_TOKENS))
+    gemv = not few and w.kind == W_TERNARY and m <= GEMV_MAX_TOKENS and (xq or w.k <= SCRATCH_K)
     if not gemv and qkv is not None:
         raise ValueError("the fused RoPE + KV append epilogue is for ternary decode steps")
     if glu is not None and residual:
@@ -1106,6 +1231,8 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
         lay = w.layout
         if gemv:
             return _ternary_gemv(x, w, lay, m, xq, sx, norm, eps, quant, out, residual, glu, qkv, n_out, next_norm)
+        if few:
+            return _ternary_few(x, sx, w, m, out, residual, glu, n_out)
         y = out if (residual and glu is None) else torch.empty((m, w.n), dtype=torch.float32, device=dev)
         bm = 64 if m > 32 else 32 if m > 16 else 16
         pairs = 16 if m > 16 else 32  # H200, per layer at 16 / 64 / 512 tokens: 70 / 157 / 539 us with 32 pairs,
@@ -1186,6 +1313,30 @@ def _ternary_gemv(x, w: Matrix, lay: TernaryLayout, m: int, xq: bool, sx, norm, 
         nx[0], nx[2], nx[3], cnt, float(nx[1]), **const, num_warps=warps, **_pdl(dev), **gemv_regs(lay, m, dev))
     return out
 
+
+def _ternary_few(x, sx, w: Matrix, m: int, out, residual: bool, glu, n_out: int) -> torch.Tensor:
+    """``_tgemm_few_kernel`` on int8 rows x [m, k] with their scales sx (see FEW_*)."""
+    dev = x.device
+    lay = w.layout
+    epi = EPI_GLU if glu is not None else EPI_RESIDUAL if residual else EPI_STORE
+    if epi == EPI_GLU and 2 * lay.pair != w.n:
+        raise ValueError("the gated-activation epilogue needs (gate n, up n) row pairs")
+    if out is None:
+        out = torch.empty((m, n_out), dtype=torch.float32, device=dev)
+    bm = 16 if m <= 16 else 32
+    mt, tn = triton.cdiv(m, bm), triton.cdiv(lay.np, FEW_PAIRS)
+    nblk = lay.nseg * (lay.gw // FEW_WORDS)
+    wsn = 2 * FEW_PAIRS * tn
+    ws, cnt = _few_scratch(dev)
+    ks = min(nblk, FEW_PROGRAMS_PER_SM * sm_count(dev) // (mt * tn), ws.numel() // (mt * bm * wsn))
+    ks = max(1, ks) if mt * tn <= cnt.numel() else 1
+    bps = triton.cdiv(nblk, ks)
+    ks = triton.cdiv(nblk, bps)  # no split without blocks
+    _tgemm_few_kernel[(mt, tn, ks)](x, sx, w.data.view(torch.int8), w.scales, out, ws, cnt, m, w.n, lay.np,
+                                    lay.pair, nblk, bps, KIN=w.k, KWT=lay.kwt, GW=lay.gw, GS=lay.gs,
+                                    MASKK=lay.maskk, PB=PAIR_TILE, EPI=epi, ACT=glu or 0, KS=ks, WSN=wsn, BM=bm,
+                                    BPG=FEW_PAIRS, BKW=FEW_WORDS, num_warps=FEW_WARPS, **_pdl(dev))
+    return out
 
 def choose_splits(batch: int, hkv: int, max_ctx: int, sms: int) -> int:
     """Enough (sequence, kv head, split) programs to fill the SMs four times, at most 64 splits, each split
