@@ -1001,7 +1001,6 @@ def _scratch(device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Te
     return _SCRATCH[key]
 
 
-
 def _few_scratch(device) -> tuple[torch.Tensor, torch.Tensor]:
     """``_tgemm_few_kernel``'s split sums (int32 [FEW_WS_INTS]) and tile counters (zero between launches: the
     last split resets its tile's). Fixed for the process, like _scratch."""
@@ -1010,6 +1009,7 @@ def _few_scratch(device) -> tuple[torch.Tensor, torch.Tensor]:
         _FEW_SCRATCH[key] = (torch.zeros(FEW_WS_INTS, dtype=torch.int32, device=device),
                              torch.zeros(FEW_COUNTERS, dtype=torch.int32, device=device))
     return _FEW_SCRATCH[key]
+
 
 @functools.lru_cache(maxsize=None)
 def _nvidia(device: str) -> bool:
@@ -1337,6 +1337,7 @@ def _ternary_few(x, sx, w: Matrix, m: int, out, residual: bool, glu, n_out: int)
                                     MASKK=lay.maskk, PB=PAIR_TILE, EPI=epi, ACT=glu or 0, KS=ks, WSN=wsn, BM=bm,
                                     BPG=FEW_PAIRS, BKW=FEW_WORDS, num_warps=FEW_WARPS, **_pdl(dev))
     return out
+
 
 def choose_splits(batch: int, hkv: int, max_ctx: int, sms: int) -> int:
     """Enough (sequence, kv head, split) programs to fill the SMs four times, at most 64 splits, each split
