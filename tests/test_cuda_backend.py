@@ -161,7 +161,7 @@ def test_norm_quant_matches_reference(m, k):
     np.testing.assert_allclose(host(y), rmsnorm(x, wt, 1e-6), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("m", [1, 20])  # the gemv and the gemm paths
+@pytest.mark.parametrize("m", [1, 20, 40])  # the gemv, the few-token GEMM and the gemm paths
 def test_matmul_rejects_epilogues_that_do_not_combine(m):
     """Checked before any kernel runs: a residual add needs its output, and glu does not take one."""
     be = backend()
@@ -172,6 +172,10 @@ def test_matmul_rejects_epilogues_that_do_not_combine(m):
         K.matmul(x, w, norm=dev(np.ones(64, np.float32)), eps=1e-5, quant=True, residual=True)
     with pytest.raises(ValueError, match="do not combine"):
         K.matmul(x, w, quant=True, out=out, residual=True, glu=K.ACT_RELU2)
+    w.repair(4)  # rows 4 apart: not (gate n, up n) pairs, which the gemv's and the few-token GEMM's glu need
+    if m <= K.GEMV_MAX_TOKENS or K.FEW_MIN <= m <= K.FEW_MAX:
+        with pytest.raises(ValueError, match="row pairs"):
+            K.matmul(x, w, quant=True, glu=K.ACT_RELU2)
     assert np.array_equal(host(out), np.zeros((m, 16), np.float32))
 
 

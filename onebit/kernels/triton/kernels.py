@@ -1209,6 +1209,8 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
         raise ValueError("the fused RoPE + KV append epilogue is for ternary decode steps")
     if glu is not None and residual:
         raise ValueError("glu and residual do not combine")
+    if glu is not None and (gemv or few) and 2 * w.layout.pair != w.n:  # their epilogues apply it to row pairs
+        raise ValueError("the gated-activation epilogue needs (gate n, up n) row pairs")
     if out is None and residual:
         raise ValueError("residual=True adds into out: pass it")
     if argmax is not None and (w.kind == W_TERNARY or glu is not None or residual or argmax.shape[0] < m):
@@ -1296,8 +1298,6 @@ def _ternary_gemv(x, w: Matrix, lay: TernaryLayout, m: int, xq: bool, sx, norm, 
     if epi == EPI_QKV and lay.pair != qkv["head_dim"] // 2:
         raise ValueError(f"the q/k/v epilogue needs rows paired half a head apart (pair {qkv['head_dim'] // 2}, "
                          f"this matrix has {lay.pair}): Matrix.repair")
-    if epi == EPI_GLU and 2 * lay.pair != w.n:
-        raise ValueError("the gated-activation epilogue needs (gate n, up n) row pairs")
     if out is None:
         out = torch.empty((m, n_out), dtype=torch.float32, device=dev) if epi != EPI_QKV else d
     scq, scf, ss, cnt = _scratch(dev)
@@ -1319,8 +1319,6 @@ def _ternary_few(x, sx, w: Matrix, m: int, out, residual: bool, glu, n_out: int)
     dev = x.device
     lay = w.layout
     epi = EPI_GLU if glu is not None else EPI_RESIDUAL if residual else EPI_STORE
-    if epi == EPI_GLU and 2 * lay.pair != w.n:
-        raise ValueError("the gated-activation epilogue needs (gate n, up n) row pairs")
     if out is None:
         out = torch.empty((m, n_out), dtype=torch.float32, device=dev)
     bm = 16 if m <= 16 else 32
