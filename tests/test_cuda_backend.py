@@ -179,17 +179,21 @@ def test_matmul_rejects_epilogues_that_do_not_combine(m):
     assert np.array_equal(host(out), np.zeros((m, 16), np.float32))
 
 
-@pytest.mark.parametrize("m", [1, 4, 20])
+@pytest.mark.parametrize("m", [1, 4, 8, 20, 40])  # the gemv; _tgemm_kernel (16-token and 64-token blocks); few
 @pytest.mark.parametrize("first", [True, False])  # every gemv quantizes first / none does (PROLOGUE_*)
 @pytest.mark.parametrize("tile", [True, False])
 def test_fused_prologue_and_epilogues_equal_the_separate_kernels(m, first, tile, monkeypatch):
     """RMSNorm + quantization in the matmul's prologue (or, for gemvs of many programs, in norm_quant first),
     residual add and gated activation in its epilogue, and the next linear's norm + quantization of the residual
     rows (next_norm) give exactly what norm_quant + matmul + torch ops give, with the gemv's whole-tile dot
-    product and the chunked one."""
+    product and the chunked one. The gated activation is each kernel's epilogue (torch's three ops only for a
+    GEMM whose rows are not (gate n, up n) pairs)."""
     monkeypatch.setattr(K, "PROLOGUE_PROGRAMS_PER_SM", 0 if first else 1 << 30)
     monkeypatch.setattr(K, "PROLOGUE_MAX_TOKENS", 0 if first else K.GEMV_MAX_TOKENS)
     monkeypatch.setattr(K, "GEMV_TILE_WORDS", 1024 if tile else 0)
+    torch_glu = []
+    glu_torch = K._glu_torch
+    monkeypatch.setattr(K, "_glu_torch", lambda y, *a: torch_glu.append(y.shape[0]) or glu_torch(y, *a))
     k, inter = 192, 333
     x = rng().standard_normal((m, k)).astype(np.float32)
     nw = dev(rng().uniform(0.5, 1.5, k).astype(np.float32))
@@ -218,6 +222,14 @@ def test_fused_prologue_and_epilogues_equal_the_separate_kernels(m, first, tile,
         want = (torch.square(torch.clamp_min(g, 0)) if act == K.ACT_RELU2 else g / (1 + torch.exp(-g))) * u
         got = K.matmul(dev(x), gu, norm=nw, eps=1e-5, quant=True, glu=act)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert torch_glu == []
+    if m > K.GEMV_MAX_TOKENS and not K.FEW_MIN <= m <= K.FEW_MAX:
+        gu.repair(4)  # rows 4 apart: _tgemm_kernel's product, then torch's gated activation
+        got = K.matmul(dev(x), gu, norm=nw, eps=1e-5, quant=True, glu=K.ACT_RELU2)
+        y = K.matmul(q, gu, sx=s)
+        g, u = y[:, :inter], y[:, inter:]
+        torch.testing.assert_close(got, torch.square(torch.clamp_min(g, 0)) * u, rtol=1e-6, atol=1e-6)
+        assert torch_glu == [m]
 
 
 @pytest.mark.parametrize("m", [1, 2, 24])

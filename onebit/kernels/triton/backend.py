@@ -10,7 +10,7 @@ Two paths:
 - ``decode_batch`` (every sequence adds one token): at one token six kernels per layer (q/k/v matmul with
   RMSNorm + quantization prologue and RoPE + KV-append epilogue; split-KV attention; merge; o matmul with
   sub-norm + quantization prologue and residual epilogue, whose last program also normalizes and quantizes the
-  residual rows for gate/up (``kernels.FOLD_NORM``; up to ``GEMV_MAX_TOKENS`` sequences); the gate/up matmul
+  residual rows for gate/up (``kernels.FOLD_NORM``; one sequence: ``FOLD_MAX_TOKENS``); the gate/up matmul
   on int8 with the gated activation; down matmul with sub-norm + quantization prologue and residual epilogue),
   replayed from a CUDA graph captured once per (model, batch bucket), each kernel launched while the previous
   one runs (programmatic dependent launch, ``kernels.PDL``). Sequences find their KV caches through a table of
@@ -472,7 +472,7 @@ class DecodeStep:
         self.x = torch.zeros((bucket, cfg.hidden_size), dtype=torch.float32, device=dev)
         self.q = torch.zeros((bucket, self.hq * self.d), dtype=torch.float32, device=dev)
         # the o gemv's last program normalizes + quantizes the residual rows for gate/up (int8 rows, scales)
-        self.fold_norm = self.act8 and bucket <= K.GEMV_MAX_TOKENS and K.FOLD_NORM
+        self.fold_norm = self.act8 and bucket <= min(K.GEMV_MAX_TOKENS, K.FOLD_MAX_TOKENS) and K.FOLD_NORM
         if self.fold_norm:
             self.xq = torch.zeros((bucket, cfg.hidden_size), dtype=torch.int8, device=dev)
             self.xs = torch.zeros((bucket,), dtype=torch.float32, device=dev)

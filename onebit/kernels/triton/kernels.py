@@ -518,10 +518,11 @@ def _tgemv_kernel(x_ptr, sx_ptr, nw_ptr, w_ptr, sc_ptr, out_ptr, scq_ptr, scf_pt
 @triton.jit
 def _tgemm_kernel(x_ptr, sx_ptr, w_ptr, sc_ptr, out_ptr, M, N, NP, P, NSEG,
                   KIN: tl.constexpr, KWT: tl.constexpr, GW: tl.constexpr, GS: tl.constexpr, GLIM: tl.constexpr,
-                  C: tl.constexpr, PB: tl.constexpr, XQ: tl.constexpr, RESIDUAL: tl.constexpr,
+                  C: tl.constexpr, PB: tl.constexpr, XQ: tl.constexpr, EPI: tl.constexpr, ACT: tl.constexpr,
                   BM: tl.constexpr, BPG: tl.constexpr, BKW: tl.constexpr, GDC: tl.constexpr):
     """Ternary tiles for many tokens on the tensor cores: int8 x int8 -> int32 (XQ) or float32 IEEE. A tile of
-    BPG row pairs; each slot s of a word block [BKW, BPG] is unpacked into row A's and row B's codes."""
+    BPG row pairs; each slot s of a word block [BKW, BPG] is unpacked into row A's and row B's codes. EPI_STORE,
+    EPI_RESIDUAL or EPI_GLU (as ``_tgemv_kernel``'s)."""
     _after_producers(GDC)
     pm, pn = tl.program_id(0), tl.program_id(1)
     rm = pm * BM + tl.arange(0, BM)
@@ -580,15 +581,18 @@ def _tgemm_kernel(x_ptr, sx_ptr, w_ptr, sc_ptr, out_ptr, M, N, NP, P, NSEG,
         else:
             oa = _mul_rn(aa, sca[None, :])
             ob = _mul_rn(ab, scb[None, :])
-    pa = out_ptr + rm[:, None] * N + ra[None, :]
-    pb = out_ptr + rm[:, None] * N + rb[None, :]
-    oma = mmask[:, None] & ma[None, :]
-    omb = mmask[:, None] & mb[None, :]
-    if RESIDUAL:
-        oa += tl.load(pa, mask=oma, other=0.0)
-        ob += tl.load(pb, mask=omb, other=0.0)
-    tl.store(pa, oa, mask=oma)
-    tl.store(pb, ob, mask=omb)
+    if EPI == 2:
+        tl.store(out_ptr + rm[:, None] * P + p[None, :], _glu(oa, ob, ACT), mask=mmask[:, None] & pmask[None, :])
+    else:
+        pa = out_ptr + rm[:, None] * N + ra[None, :]
+        pb = out_ptr + rm[:, None] * N + rb[None, :]
+        oma = mmask[:, None] & ma[None, :]
+        omb = mmask[:, None] & mb[None, :]
+        if EPI == 1:
+            oa += tl.load(pa, mask=oma, other=0.0)
+            ob += tl.load(pb, mask=omb, other=0.0)
+        tl.store(pa, oa, mask=oma)
+        tl.store(pb, ob, mask=omb)
 
 
 @triton.jit
@@ -965,9 +969,17 @@ GEMV_WIDE_MAXNREG = 168
 FEW_MIN, FEW_MAX = 17, 32
 FEW_PAIRS, FEW_WORDS, FEW_WARPS, FEW_PROGRAMS_PER_SM = 16, 32, 2, 8
 FEW_WS_INTS, FEW_COUNTERS = 1 << 21, 4096  # its splits' int32 sums and the tiles' counters (_few_scratch)
-# The decode step's o gemv (one to GEMV_MAX_TOKENS tokens, int8 activations): its last program normalizes and
-# quantizes the residual rows for gate/up (``matmul``'s next_norm), no norm + quantization kernel of its own.
+# The decode step's o gemv (up to FOLD_MAX_TOKENS tokens, int8 activations): its last program normalizes and
+# quantizes the residual rows for gate/up (``matmul``'s next_norm), no norm + quantization kernel of its own. That
+# program takes the rows one after another, so for 2-4 sequences norm_quant's one program per row wins (H200,
+# decode step at 64 tokens of context, alternating in one run: 2 / 4 sequences 1642.5 / 2620 us a step against
+# 1720-1725 / 2776-2785 with the fold).
 FOLD_NORM = os.environ.get("ONEBIT_FOLD_NORM", "1") != "0"
+FOLD_MAX_TOKENS = 1
+# _tgemm_kernel's gated-activation epilogue for a gate/up of (gate n, up n) pairs (False: three torch kernels
+# after it). H200, decode step at 64 tokens of context: 8 / 16 / 64 sequences 2860 / 3076-3088 / 5413 us a step
+# against 3018 / 3259 / 5968 with torch's.
+GEMM_GLU = True
 # Programmatic dependent launch (CUDA, compute capability >= 9): each kernel of a step is launched while the
 # previous one runs and waits for it in ``_after_producers``. ONEBIT_PDL=0 turns it off.
 PDL = os.environ.get("ONEBIT_PDL", "1") != "0"
@@ -1235,16 +1247,21 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
             return _ternary_gemv(x, w, lay, m, xq, sx, norm, eps, quant, out, residual, glu, qkv, n_out, next_norm)
         if few:
             return _ternary_few(x, sx, w, m, out, residual, glu, n_out)
-        y = out if (residual and glu is None) else torch.empty((m, w.n), dtype=torch.float32, device=dev)
+        fuse_glu = glu is not None and 2 * lay.pair == w.n and GEMM_GLU  # (gate n, up n) pairs
+        if fuse_glu:
+            y = out if out is not None else torch.empty((m, n_out), dtype=torch.float32, device=dev)
+        else:
+            y = out if (residual and glu is None) else torch.empty((m, w.n), dtype=torch.float32, device=dev)
+        epi = EPI_GLU if fuse_glu else EPI_RESIDUAL if residual else EPI_STORE
         bm = 64 if m > 32 else 32 if m > 16 else 16
         pairs = 16 if m > 16 else 32  # H200, per layer at 16 / 64 / 512 tokens: 70 / 157 / 539 us with 32 pairs,
         grid = (triton.cdiv(m, bm), triton.cdiv(lay.np, pairs))  # 183 / 108 / 468 us with 16
         _tgemm_kernel[grid](x, sx if xq else d, w.data, w.scales, y, m, w.n, lay.np, lay.pair, lay.nseg,
                             KIN=w.k, KWT=lay.kwt, GW=lay.gw, GS=lay.gs, GLIM=lay.glim, C=w.c, PB=PAIR_TILE,
-                            XQ=xq, RESIDUAL=residual, BM=bm, BPG=pairs,
+                            XQ=xq, EPI=epi, ACT=glu or 0, BM=bm, BPG=pairs,
                             BKW=GEMM_WORDS if lay.gw % GEMM_WORDS == 0 else 32, num_warps=4, num_stages=2,
                             **_pdl(dev))
-        return y if glu is None else _glu_torch(y, glu, out)
+        return y if glu is None or fuse_glu else _glu_torch(y, glu, out)
     if m > GEMV_MAX_TOKENS or xq:
         # int8 activations (the int8 lm_head) go to the tensor cores even for one token: nothing to unpack, and
         # the int8 mma reads a 128k x 2560 head at ~94% of a plain read's pace (the gemv: ~73%)
