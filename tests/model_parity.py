@@ -87,3 +87,17 @@ def greedy_batched_and_alone(model, prompts, steps: int):
         for seq, t in zip(batched, toks):
             seq.append(t)
     return batched, alone, caches
+
+
+def assert_int8_head_moves_logits_within_rounding(a: np.ndarray, b: np.ndarray, x: np.ndarray, head: np.ndarray):
+    """Logits a (16-bit lm_head) and b (per-row int8 lm_head against per-token int8 rows) of head inputs x [T, k]:
+    every logit moves by at most what rounding the head's rows and x's rows to int8 can move it. With
+    x = q_x s_x + e_x and w = q_w s_w + e_w (|e_x| <= s_x / 2, |e_w| <= s_w / 2):
+    |x.w - q_x.q_w s_x s_w| <= s_x / 2 sum|w| + s_w / 2 sum|x| + k s_x s_w / 4 (measured: up to ~0.2 of it)."""
+    np.testing.assert_allclose(x @ head.T, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())  # x is the head's input
+    sx = np.abs(x).max(1, keepdims=True) / 127
+    sw = np.abs(head).max(1) / 127
+    bound = sx / 2 * np.abs(head).sum(1) + sw / 2 * np.abs(x).sum(1, keepdims=True) + x.shape[1] * sx * sw / 4
+    err = np.abs(a - b)
+    assert (err <= bound * (1 + 1e-3) + 1e-5).all(), f"a logit moved by {(err / bound).max():.3f} x its bound"
+    assert err.max() > 0  # the int8 head ran: rounding moves some logit
