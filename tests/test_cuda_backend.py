@@ -117,6 +117,25 @@ def test_few_token_gemm_is_integer_exact_and_fuses_its_epilogues(m, n, k, splits
         torch.testing.assert_close(K.matmul(dev(xq), mat, sx=sx, glu=act), glu, rtol=1e-6, atol=1e-6)
     assert len(calls) == 6
 
+
+def test_few_token_gemm_takes_deep_matrices_from_fewer_tokens(monkeypatch):
+    """From FEW_DEEP_MIN tokens a matrix of FEW_DEEP_K inputs or more takes _tgemm_few_kernel, a shallower one
+    (or fewer tokens) does not; every route gives the reference's int32 dot (scales of 1)."""
+    monkeypatch.setattr(K, "FEW_DEEP_K", 4500)
+    calls = []
+    few = K._ternary_few
+    monkeypatch.setattr(K, "_ternary_few", lambda *a, **kw: calls.append((a[3], a[2].k)) or few(*a, **kw))
+    be = backend()
+    for k in (4500, 4499):
+        w = random_ternary(40, k)
+        mat = be.prepare_ternary(w)
+        for m in (K.FEW_DEEP_MIN - 1, K.FEW_DEEP_MIN):
+            xq = rng().integers(-128, 128, (m, k)).astype(np.int8)
+            got = K.matmul(dev(xq), mat, sx=dev(np.ones(m, np.float32)))
+            np.testing.assert_array_equal(host(got), int_dot(xq, w.ternary()).astype(np.float32))
+    assert calls == [(K.FEW_DEEP_MIN, 4500)]
+
+
 @pytest.mark.parametrize("n,k,groups", [(37, 333, 1), (48, 512, 2), (5, 16, 1), (64, 4500, 1)])
 def test_ternary_layout_round_trips_and_re_pairs(n, k, groups):
     """Packing into paired-row words loses nothing, and re-pairing rows (as the decode plan does for q/k/v)

@@ -6,7 +6,7 @@ Two paths:
   ``rmsnorm`` returns a lazy ``Normed`` that the next matmul fuses into its prologue (with the int8
   quantization), so a ternary linear is one kernel for one token (``kernels.PROLOGUE_*``: a gemv of many
   programs, 2-4 tokens and more go through a norm + quantization kernel first; more than ``GEMV_MAX_TOKENS``
-  then take a tensor-core GEMM: ``kernels.FEW_*`` for 17-32 tokens);
+  then take a tensor-core GEMM: ``kernels.FEW_*`` for 17-32 tokens, from 5 for a matrix of 4096 inputs or more);
 - ``decode_batch`` (every sequence adds one token): at one token six kernels per layer (q/k/v matmul with
   RMSNorm + quantization prologue and RoPE + KV-append epilogue; split-KV attention; merge; o matmul with
   sub-norm + quantization prologue and residual epilogue, whose last program also normalizes and quantizes the

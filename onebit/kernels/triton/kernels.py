@@ -19,8 +19,9 @@ Portable Triton only (no inline assembly), so Triton's AMD backend can compile t
 Kernel families: ternary ``tgemv`` (1-4 tokens: GEMV_MAX_TOKENS; CUDA cores, RMSNorm + quantization once per
 program in its prologue for one token and a grid of <= 2 programs per SM, else ``norm_quant`` first and int8
 input: PROLOGUE_*; residual add, gated activation or RoPE + KV append in its epilogue) and ``tgemm``
-(more tokens: the same words unpacked for tensor-core ``tl.dot``; ``tgemm_few`` for FEW_MIN..FEW_MAX tokens:
-read as bytes, four codes per op, split over K, with the gemv's residual and gated-activation epilogues);
+(more tokens: the same words unpacked for tensor-core ``tl.dot``; ``tgemm_few`` for FEW_MIN..FEW_MAX tokens,
+from FEW_DEEP_MIN for matrices of FEW_DEEP_K inputs or more: read as bytes, four codes per op, split over K, with
+the gemv's residual and gated-activation epilogues);
 dense ``gemv`` / ``gemm`` (the lm_head; the int8 head on the tensor cores at any token count); ``norm_quant``;
 split-KV decode attention (CUDA-core FMAs, 16-byte vector loads of the cache) + merge; causal prefill attention;
 RoPE; embedding gather. Every kernel takes a GDC flag: launched with programmatic dependent launch (``PDL``), it
@@ -965,8 +966,13 @@ GEMV_WIDE_MAXNREG = 168
 # graphs of 20 launches of one linear) it looked better everywhere from 3 tokens (a layer's four linears at 8 / 16
 # tokens: 44 / 47 us against 74 / 75): its K-split programs wait on DRAM in the step. Tried there: 32 pairs, 64
 # words, 4 or 8 warps, half / twice the programs; the splits' sums added with int32 atomics gave wrong sums for
-# 32-pair x 32-word tiles (stores + one counter kept: exact).
+# 32-pair x 32-word tiles (stores + one counter kept: exact). A matrix of FEW_DEEP_K inputs or more takes it from
+# FEW_DEEP_MIN tokens: _tgemm_kernel's 32-pair tiles give bitnet-2b4t's down (6912 inputs, 2560 rows) only 40
+# programs there, each over all of K. H200, decode step at 64 tokens of context, alternating twice in one run: 8 /
+# 16 sequences 2540 / 2889 us a step against 2879 / 3108; every linear from 5 tokens: 2946 / 3522. (And no tiles of
+# 16 pairs for _tgemm_kernel: at 16 tokens they were slower.)
 FEW_MIN, FEW_MAX = 17, 32
+FEW_DEEP_MIN, FEW_DEEP_K = 5, 4096
 FEW_PAIRS, FEW_WORDS, FEW_WARPS, FEW_PROGRAMS_PER_SM = 16, 32, 2, 8
 FEW_WS_INTS, FEW_COUNTERS = 1 << 21, 4096  # its splits' int32 sums and the tiles' counters (_few_scratch)
 # The decode step's o gemv (up to FOLD_MAX_TOKENS tokens, int8 activations): its last program normalizes and
@@ -1214,7 +1220,8 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
     xq = sx is not None
     n_out = w.n // 2 if glu is not None else w.n
     # a few tokens on int8 go to _tgemm_few_kernel, but for the gemv's fusions at up to GEMV_MAX_TOKENS
-    few = (w.kind == W_TERNARY and w.c == 1 and (xq or quant) and FEW_MIN <= m <= FEW_MAX and qkv is None
+    few = (w.kind == W_TERNARY and w.c == 1 and (xq or quant) and m <= FEW_MAX and qkv is None
+           and (FEW_MIN <= m or (FEW_DEEP_MIN <= m and w.k >= FEW_DEEP_K))
            and (next_norm is None or m > GEMV_MAX_TOKENS))
     gemv = not few and w.kind == W_TERNARY and m <= GEMV_MAX_TOKENS and (xq or w.k <= SCRATCH_K)
     if not gemv and qkv is not None:
