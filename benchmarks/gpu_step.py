@@ -87,6 +87,7 @@ def main(argv=None) -> int:
         print("gpu_step: no CUDA GPU here", file=sys.stderr)
         return 2
     import numpy as np
+    from torch.profiler import ProfilerActivity, profile
 
     import onebit
     from onebit.eval.bench import synth_models
@@ -124,8 +125,6 @@ def main(argv=None) -> int:
             times.append(s.elapsed_time(e) * 1000 / args.replays)
         print(f"context {ctx}: {min(times):.1f} us a step (best of 5 x {args.replays} replays; "
               f"median {sorted(times)[2]:.1f}), {args.batch * 1e6 / min(times):.0f} tokens/s")
-        from torch.profiler import ProfilerActivity, profile
-
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(args.profiled):
                 g.replay()

@@ -1224,11 +1224,13 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
            and (FEW_MIN <= m or (FEW_DEEP_MIN <= m and w.k >= FEW_DEEP_K))
            and (next_norm is None or m > GEMV_MAX_TOKENS))
     gemv = not few and w.kind == W_TERNARY and m <= GEMV_MAX_TOKENS and (xq or w.k <= SCRATCH_K)
+    # the ternary kernels' gated-activation epilogues apply it to row pairs, which must be (gate n, up n)
+    glu_pairs = glu is not None and w.kind == W_TERNARY and 2 * w.layout.pair == w.n
     if not gemv and qkv is not None:
         raise ValueError("the fused RoPE + KV append epilogue is for ternary decode steps")
     if glu is not None and residual:
         raise ValueError("glu and residual do not combine")
-    if glu is not None and (gemv or few) and 2 * w.layout.pair != w.n:  # their epilogues apply it to row pairs
+    if glu is not None and (gemv or few) and not glu_pairs:
         raise ValueError("the gated-activation epilogue needs (gate n, up n) row pairs")
     if out is None and residual:
         raise ValueError("residual=True adds into out: pass it")
@@ -1254,7 +1256,7 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
             return _ternary_gemv(x, w, lay, m, xq, sx, norm, eps, quant, out, residual, glu, qkv, n_out, next_norm)
         if few:
             return _ternary_few(x, sx, w, m, out, residual, glu, n_out)
-        fuse_glu = glu is not None and 2 * lay.pair == w.n and GEMM_GLU  # (gate n, up n) pairs
+        fuse_glu = glu_pairs and GEMM_GLU
         if fuse_glu:
             y = out if out is not None else torch.empty((m, n_out), dtype=torch.float32, device=dev)
         else:
