@@ -75,6 +75,24 @@ norm + quantization prologue in registers as well (no scratch row, no barrier): 
 and normalizes the row twice (once in the tile rows' layout, once in its reductions' own) and q/k/v and o hold 255
 registers, so the kernels launched early beside them (attention: 5.9 us a call, not 4.2) find no room on their SMs.
 That room is what ``kernels.GEMV_WIDE_MAXNREG`` buys the down gemv (981 / 1177 us against 990 / 1186).
+
+Where the dot's time goes (Triton 3.6, sm_90 SASS of the q/k/v gemv): each slot's int8 inputs are loaded in a
+1-D layout, two bytes a thread, and moved into the tile's row layout through shared memory: a store, two barriers
+and two loads per slot, eight times a gemv. The tile's own layout for them (a [words, pairs] load) is rewritten by
+the compiler into a layout of its own plus the same conversion; only explicit layouts (Gluon) would avoid it.
+
+Three more that lost (H200, decode step, variants alternating in one device run):
+- One split at short contexts (a graph per context class; no merge kernel: the split kernel writes the output):
+  one program per (sequence, kv head, 1 / 2 / 4 query heads), 16 / 32 / 64 positions a step, took 1115-1343 us at
+  64 tokens against 981, 1312-1690 at 128 against 989-1013 and 1706-2383 at 256 against 1032-1035: the one
+  program's blocks run one after another (10.9 us a call at 64 tokens, where 4 splits and the merge take ~6).
+- Two to four sequences: the fused prologue normalizing the rows as one [rows, K] block (no norm_quant kernel
+  first; PROLOGUE_MAX_TOKENS 4) took 1575 / 2545 us for 2 / 4 sequences against 1646 / 2592, but its per-row
+  sums are not norm_quant's bits (another reduction layout), which batched decoding equal to decoding alone
+  needs; with the o gemv's folded norm for them as well 1601 / 2627; the whole-tile dot taking two tokens a
+  pass (one shift and mask of the tile for both, one reduction for four outputs) 1692 / 2764 alone (1561 / 2597
+  with the other two): a thread then holds three tiles' worth of registers, and gate/up runs one program an SM.
+- The attention's programs per SM and register cap: see ``kernels.ATTN_PROGRAMS_PER_SM``.
 """
 
 from __future__ import annotations

@@ -921,10 +921,20 @@ def _rope_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, H, HALF: tl.constexp
 
 GEMV_MAX_TOKENS = 4
 SCRATCH_K = 65536  # the fused prologue's scratch holds GEMV_MAX_TOKENS rows of up to this many inputs
-ATTN_BLOCK = 16  # positions per decode-attention step (16 and 32 measured alike on an H200; 64 slower)
+# Positions per decode-attention step (16 and 32 measured alike on an H200; 64 slower). H200, decode step of one
+# sequence at 64 / 1024 / 4096 tokens of context: 8 took 964-972 / 1281-1285 / 2058-2063 us against 980-983 /
+# 1175-1178 / 1618-1620 (a gain at short contexts only, where its 8 splits of 8 positions run side by side); splits
+# of 8 positions in blocks of 16 (the rest masked) lost at both: 992-993 / 1183-1184 against 983 / 1178.
+ATTN_BLOCK = 16
 # decode attention's warps (H100, decode step at 64 / 1024 tokens of context: 4 warps 1105 / 1339 us, 8 warps
 # 1106 / 1296, 2 warps 1126 / 1291) and the merge's (1, 2, 4 alike)
 ATTN_WARPS, MERGE_WARPS = 8, 2
+# choose_splits aims at this many (sequence, kv head, split) programs per SM. H200, decode step of one sequence
+# at 64 / 1024 / 4096 tokens of context: 4 (64 splits: 320 programs of 146 registers, one an SM, 2.4 waves)
+# 980 / 1175 / 1618 us, 2 (52 splits) 982 / 1177 / 1621, 1 (26) 983 / 1322 / 2304; nor a register cap on the
+# attention kernel (96: two programs an SM, no spills) 982 / 1173 / 1615, (64: 56 bytes of stack) 1012 / 1458 /
+# 2284: its time at long contexts is not waves of programs waiting for an SM.
+ATTN_PROGRAMS_PER_SM = 4
 PAIR_TILE = 16  # row pairs per ternary tile and gemv program (64 contiguous bytes per word row)
 GEMM_WORDS = 64  # words per ternary GEMM step (64 / 32: 157 / 200 us per layer at 64 tokens on an H200)
 GEMV_WARPS = 8  # tiles of 8 / 16 pairs with 2 / 4 / 8 warps measured on an H200: 16 pairs, 8 warps fastest
@@ -1364,9 +1374,9 @@ def _ternary_few(x, sx, w: Matrix, m: int, out, residual: bool, glu, n_out: int)
 
 
 def choose_splits(batch: int, hkv: int, max_ctx: int, sms: int) -> int:
-    """Enough (sequence, kv head, split) programs to fill the SMs four times, at most 64 splits, each split
-    >= 64 positions (a split's loads are one round trip that the decode step waits for)."""
-    want = max(1, (4 * sms) // max(1, batch * hkv))
+    """Enough (sequence, kv head, split) programs to fill the SMs ATTN_PROGRAMS_PER_SM times, at most 64 splits,
+    each split >= 64 positions (a split's loads are one round trip that the decode step waits for)."""
+    want = max(1, (ATTN_PROGRAMS_PER_SM * sms) // max(1, batch * hkv))
     return max(1, min(want, 64, max(1, max_ctx // 64)))
 
 
