@@ -70,7 +70,9 @@ def compile_gemv(spec: dict, arch: int, unroll: int, warps: int | None) -> dict:
     names = fn.arg_names
     sig = {a: "constexpr" if a in const else PTR_TYPES.get(a, "fp32" if a in ("eps", "nx_eps") else "i32")
            for a in names}
-    src = ASTSource(fn, sig, constexprs={(names.index(a),): v for a, v in const.items()})
+    # pointers 16-byte aligned, as torch's allocations are and as a launch specializes them (vectorized loads)
+    aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(names) if sig[a].startswith("*")}
+    src = ASTSource(fn, sig, constexprs={(names.index(a),): v for a, v in const.items()}, attrs=aligned)
     cap = K.gemv_regs(lay, 1, "cuda")  # the launch's register cap, if any (kernels.GEMV_WIDE_MAXNREG)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, **cap})
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")

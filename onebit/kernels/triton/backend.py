@@ -78,8 +78,15 @@ That room is what ``kernels.GEMV_WIDE_MAXNREG`` buys the down gemv (981 / 1177 u
 
 Where the dot's time goes (Triton 3.6, sm_90 SASS of the q/k/v gemv): each slot's int8 inputs are loaded in a
 1-D layout, two bytes a thread, and moved into the tile's row layout through shared memory: a store, two barriers
-and two loads per slot, eight times a gemv. The tile's own layout for them (a [words, pairs] load) is rewritten by
-the compiler into a layout of its own plus the same conversion; only explicit layouts (Gluon) would avoid it.
+and two loads per slot, eight times a gemv, as the tile's layout gives a word row to 4 threads (16-byte vectors of
+16 pairs) and the inputs' layout gives it to one. Loading the inputs as a [words, pairs] tensor does not help (the
+compiler gives that load a layout of its own and converts it the same way). The tile as [words, 4 sub-tiles, 4
+pairs] (one 16-byte vector a word row and sub-tile, the threads along the words) with the input pointers said to be
+non-contiguous (``tl.max_contiguous(.., 1)``, one byte a lane) does take the inputs straight into the products'
+layout: no shared memory or barrier in the slot loop. Not timed: compiled for sm_90 (benchmarks/gpu_registers.py)
+it held 198 / 255 registers in q/k/v / o (120 / 128 now; o spilled, down's spills grew from 128 to 360 bytes),
+and the reduction over words then crosses 32 lanes for 32 values a thread (160 shuffles, against 24), so it needs
+those two fixed before it can be measured.
 
 Three more that lost (H200, decode step, variants alternating in one device run):
 - One split at short contexts (a graph per context class; no merge kernel: the split kernel writes the output):
