@@ -198,6 +198,29 @@ def test_matmul_rejects_epilogues_that_do_not_combine(m):
     assert np.array_equal(host(out), np.zeros((m, 16), np.float32))
 
 
+@pytest.mark.parametrize("m", [1, 8, 20, 40])  # gemvs; _tgemm_kernel / the dense GEMM; few-token; 64-token blocks
+def test_matmul_writes_into_out_on_every_path(m):
+    """``out`` receives the product (and is what comes back) on every route a matmul can take: ternary and dense,
+    plain and with the gated activation; an out of the wrong shape or type is refused before any kernel runs."""
+    be = backend()
+    k, n = 64, 24
+    x = dev(rng().standard_normal((m, k)).astype(np.float32))
+    ter = be.prepare_ternary(random_ternary(n, k, 0.8))
+    dense = be.prepare_dense((rng().standard_normal((n, k)) * 0.1).astype(np.float16).astype(np.float32)).matrix
+    q, s = K.norm_quant(x, None, 0.0)
+    for mat, kw in ((ter, dict(quant=True)), (ter, dict(sx=s)), (dense, {}), (ter, dict(sx=s, glu=K.ACT_RELU2))):
+        xin = q if "sx" in kw else x
+        want = K.matmul(xin, mat, **kw)
+        out = torch.full(want.shape, float("nan"), device=DEVICE)
+        got = K.matmul(xin, mat, out=out, **kw)
+        assert got.data_ptr() == out.data_ptr()
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+    for bad in (torch.zeros((m, n + 1), device=DEVICE), torch.zeros((m, n), dtype=torch.float16, device=DEVICE),
+                torch.zeros((m, 2 * n), device=DEVICE)[:, ::2]):
+        with pytest.raises(ValueError, match="out must be a contiguous float32"):
+            K.matmul(x, ter, quant=True, out=bad)
+
+
 @pytest.mark.parametrize("m", [1, 4, 8, 20, 40])  # the gemv; _tgemm_kernel (16-token and 64-token blocks); few
 @pytest.mark.parametrize("first", [True, False])  # every gemv quantizes first / none does (PROLOGUE_*)
 @pytest.mark.parametrize("tile", [True, False])

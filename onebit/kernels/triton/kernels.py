@@ -1223,7 +1223,8 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
     its key as the logits are stored (``argmax_from_keys`` reads them), so a greedy step need not move the
     logits. ``next_norm`` (with ``residual``): (weight, eps, q int8 [M, N], s float32 [M]): the updated rows of
     ``out`` RMSNormed and quantized for the next linear into q / s, by the gemv's last program (no kernel of
-    its own; a separate kernel on the other paths)."""
+    its own; a separate kernel on the other paths). ``out`` (contiguous float32 [M, N], or [M, N/2] with
+    ``glu``): where every path writes the result (and returns it); without it, a new tensor."""
     m = x.shape[0]
     dev = x.device
     d = _dummy(dev)
@@ -1244,6 +1245,9 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
         raise ValueError("the gated-activation epilogue needs (gate n, up n) row pairs")
     if out is None and residual:
         raise ValueError("residual=True adds into out: pass it")
+    if out is not None and (tuple(out.shape) != (m, n_out) or out.dtype != torch.float32 or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous float32 [{m}, {n_out}] tensor, got {out.dtype} "
+                         f"{list(out.shape)}")
     if argmax is not None and (w.kind == W_TERNARY or glu is not None or residual or argmax.shape[0] < m):
         raise ValueError("argmax keys are for a dense matrix's plain output, one key per token")
     if next_norm is not None and not residual:
@@ -1270,7 +1274,7 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
         if fuse_glu:
             y = out if out is not None else torch.empty((m, n_out), dtype=torch.float32, device=dev)
         else:
-            y = out if (residual and glu is None) else torch.empty((m, w.n), dtype=torch.float32, device=dev)
+            y = out if (out is not None and glu is None) else torch.empty((m, w.n), dtype=torch.float32, device=dev)
         epi = EPI_GLU if fuse_glu else EPI_RESIDUAL if residual else EPI_STORE
         bm = 64 if m > 32 else 32 if m > 16 else 16
         pairs = 16 if m > 16 else 32  # H200, per layer at 16 / 64 / 512 tokens: 70 / 157 / 539 us with 32 pairs,
@@ -1284,7 +1288,7 @@ def matmul(x, w: Matrix, *, sx: torch.Tensor | None = None, norm: torch.Tensor |
     if m > GEMV_MAX_TOKENS or xq:
         # int8 activations (the int8 lm_head) go to the tensor cores even for one token: nothing to unpack, and
         # the int8 mma reads a 128k x 2560 head at ~94% of a plain read's pace (the gemv: ~73%)
-        y = out if (residual and glu is None) else torch.empty((m, w.n), dtype=torch.float32, device=dev)
+        y = out if (out is not None and glu is None) else torch.empty((m, w.n), dtype=torch.float32, device=dev)
         bm = 64 if m > 32 else 32 if m > 16 or w.kind != W_INT8 else 16
         grid = (triton.cdiv(m, bm), triton.cdiv(w.n, 64))
         _gemm_kernel[grid](x, sx if xq else d, w.data, w.scales, y, argmax if argmax is not None else d, m, w.k,
