@@ -1004,39 +1004,41 @@ PDL = os.environ.get("ONEBIT_PDL", "1") != "0"
 # once the kernel two before it has finished, so callers that say so (``early``) let kernels read them before
 # they wait for their producer: the lookups leave the chain of dependent loads that follows the wait.
 EARLY_TABLES = True
-_DUMMY: dict = {}
-_SCRATCH: dict = {}
-_FEW_SCRATCH: dict = {}
+def _per_device(make):
+    """``make(device)`` once per device, kept for the process: CUDA graphs keep the addresses they captured."""
+    made: dict = {}
+
+    @functools.wraps(make)
+    def get(device):
+        key = str(device)
+        if key not in made:
+            made[key] = make(device)
+        return made[key]
+    return get
 
 
+@_per_device
 def _dummy(device) -> torch.Tensor:
-    key = str(device)
-    if key not in _DUMMY:
-        _DUMMY[key] = torch.zeros(16, dtype=torch.float32, device=device)
-    return _DUMMY[key]
+    """What a kernel's unused pointer arguments point at."""
+    return torch.zeros(16, dtype=torch.float32, device=device)
 
 
+@_per_device
 def _scratch(device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ternary gemv's buffers: its fused prologue's (int8 and float32 views of one allocation, and the token
     scales) and its programs' int32 counter (NEXT: zero between launches, as the last program resets it; the
-    kernels that use it run one after another on the stream). Fixed for the process, so CUDA graphs that
-    captured their addresses stay valid."""
-    key = str(device)
-    if key not in _SCRATCH:
-        f = torch.zeros(GEMV_MAX_TOKENS * SCRATCH_K, dtype=torch.float32, device=device)
-        _SCRATCH[key] = (f.view(torch.int8), f, torch.zeros(16, dtype=torch.float32, device=device),
-                         torch.zeros(1, dtype=torch.int32, device=device))
-    return _SCRATCH[key]
+    kernels that use it run one after another on the stream)."""
+    f = torch.zeros(GEMV_MAX_TOKENS * SCRATCH_K, dtype=torch.float32, device=device)
+    return (f.view(torch.int8), f, torch.zeros(16, dtype=torch.float32, device=device),
+            torch.zeros(1, dtype=torch.int32, device=device))
 
 
+@_per_device
 def _few_scratch(device) -> tuple[torch.Tensor, torch.Tensor]:
     """``_tgemm_few_kernel``'s split sums (int32 [FEW_WS_INTS]) and tile counters (zero between launches: the
-    last split resets its tile's). Fixed for the process, like _scratch."""
-    key = str(device)
-    if key not in _FEW_SCRATCH:
-        _FEW_SCRATCH[key] = (torch.zeros(FEW_WS_INTS, dtype=torch.int32, device=device),
-                             torch.zeros(FEW_COUNTERS, dtype=torch.int32, device=device))
-    return _FEW_SCRATCH[key]
+    last split resets its tile's)."""
+    return (torch.zeros(FEW_WS_INTS, dtype=torch.int32, device=device),
+            torch.zeros(FEW_COUNTERS, dtype=torch.int32, device=device))
 
 
 @functools.lru_cache(maxsize=None)
