@@ -1004,6 +1004,8 @@ PDL = os.environ.get("ONEBIT_PDL", "1") != "0"
 # once the kernel two before it has finished, so callers that say so (``early``) let kernels read them before
 # they wait for their producer: the lookups leave the chain of dependent loads that follows the wait.
 EARLY_TABLES = True
+
+
 def _per_device(make):
     """``make(device)`` once per device, kept for the process: CUDA graphs keep the addresses they captured."""
     made: dict = {}
