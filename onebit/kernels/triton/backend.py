@@ -78,8 +78,8 @@ That room is what ``kernels.GEMV_WIDE_MAXNREG`` buys the down gemv (981 / 1177 u
 
 Where the dot's time goes (Triton 3.6, sm_90 SASS of the q/k/v gemv): each slot's int8 inputs are loaded in a
 1-D layout, two bytes a thread, and moved into the tile's row layout through shared memory: a store, two barriers
-and two loads per slot, eight times a gemv, as the tile's layout gives a word row to 4 threads (16-byte vectors of
-16 pairs) and the inputs' layout gives it to one. Loading the inputs as a [words, pairs] tensor does not help (the
+and two loads per slot, eight times a gemv, as the tile's layout gives a word row to 4 threads (a 16-byte vector
+of 4 of its 16 pairs each) and the inputs' layout gives it to one. Loading the inputs as a [words, pairs] tensor does not help (the
 compiler gives that load a layout of its own and converts it the same way). The tile as [words, 4 sub-tiles, 4
 pairs] (one 16-byte vector a word row and sub-tile, the threads along the words) with the input pointers said to be
 non-contiguous (``tl.max_contiguous(.., 1)``, one byte a lane) does take the inputs straight into the products'
@@ -98,7 +98,8 @@ Three more that lost (H200, decode step, variants alternating in one device run)
   sums are not norm_quant's bits (another reduction layout), which batched decoding equal to decoding alone
   needs; with the o gemv's folded norm for them as well 1601 / 2627; the whole-tile dot taking two tokens a
   pass (one shift and mask of the tile for both, one reduction for four outputs) 1692 / 2764 alone (1561 / 2597
-  with the other two): a thread then holds three tiles' worth of registers, and gate/up runs one program an SM.
+  with the other two, 2 slots a pass): a thread then holds three tiles' worth of registers (q/k/v 163-178,
+  gate/up 128-154: one or two programs an SM, against three).
 - The attention's programs per SM and register cap: see ``kernels.ATTN_PROGRAMS_PER_SM``.
 """
 
