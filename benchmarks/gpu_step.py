@@ -19,6 +19,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # decode_graph
 
 # the decode step's kernels per layer, in launch order, for one sequence (backend.DecodeStep.body)
 LAYER = ("q/k/v gemv", "attention", "merge", "o gemv", "gate/up gemv", "down gemv")
@@ -78,51 +79,23 @@ def main(argv=None) -> int:
     if args.replays < 1 or args.profiled < 1:
         print("gpu_step: --replays and --profiled want at least 1", file=sys.stderr)
         return 2
-    try:
-        import torch
-    except ImportError:
-        print("gpu_step: needs torch and triton (pip install -e \".[gpu]\")", file=sys.stderr)
+    from decode_graph import DecodeGraph, gpu_missing
+
+    if gpu_missing():
+        print(f"gpu_step: {gpu_missing()}", file=sys.stderr)
         return 2
-    if not torch.cuda.is_available():
-        print("gpu_step: no CUDA GPU here", file=sys.stderr)
-        return 2
-    import numpy as np
+    import torch
     from torch.profiler import ProfilerActivity, profile
 
-    import onebit
-    from onebit.eval.bench import synth_models
-    from onebit.kernels.triton.backend import BUCKETS
-
-    path = args.model or synth_models("bitnet-2b4t", log=lambda s: print(s, flush=True))["hf"]
-    m = onebit.load(path, backend="cuda", lm_head=args.lm_head, tokenizer=False)
-    net, be = m.net, m.backend
-    caches = [net.make_cache(ctxs[-1] + 8) for _ in range(args.batch)]
-    ids = np.random.default_rng(0).integers(0, net.config.vocab_size, (args.batch, ctxs[-1] + 1)).tolist()
-    bucket = next(b for b in BUCKETS if b >= args.batch)
-    print(f"{torch.cuda.get_device_name()}, {path}, lm_head {args.lm_head}, {args.batch} sequence(s) a step")
+    dg = DecodeGraph(args.model, args.lm_head, args.batch, ctxs[-1])
+    print(f"{torch.cuda.get_device_name()}, {dg.path}, lm_head {args.lm_head}, {args.batch} sequence(s) a step")
     for ctx in ctxs:
-        for row, cache in zip(ids, caches):
-            cache.trim(0)
-            for i in range(0, ctx, 512):
-                net.forward_batch([(row[i:min(ctx, i + 512)], cache)], last_only=True)
-        for _ in range(3):  # eager, capture, replay
-            net.decode_greedy([([row[ctx]], cache) for row, cache in zip(ids, caches)])
-            for cache in caches:
-                cache.trim(ctx)
-        step = be._steps[(id(net), bucket)]
-        g = step.graph
+        dg.fill(ctx)
+        g = dg.capture(ctx)
         if g is None:
             print("gpu_step: the decode step was not captured as a graph", file=sys.stderr)
             return 1
-        times = []
-        for _ in range(5):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            for _ in range(args.replays):
-                g.replay()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e) * 1000 / args.replays)
+        times = dg.time(g, args.replays)
         print(f"context {ctx}: {min(times):.1f} us a step (best of 5 x {args.replays} replays; "
               f"median {sorted(times)[2]:.1f}), {args.batch * 1e6 / min(times):.0f} tokens/s")
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -132,7 +105,7 @@ def main(argv=None) -> int:
         evs = [{"name": e.name, "end": e.time_range.end}
                for e in sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
                                key=lambda e: e.time_range.start)]
-        rows = chain_times(evs, args.profiled, net.config.num_hidden_layers)
+        rows = chain_times(evs, args.profiled, dg.net.config.num_hidden_layers)
         print(f"  {'kernel':34s} {'calls':>5s} {'us/step':>8s} {'us/call':>8s}")
         for name, calls, us in rows:
             print(f"  {name[:34]:34s} {calls:5d} {us:8.1f} {us / max(1, calls):8.2f}")

@@ -2,6 +2,7 @@
 field; the roofline arithmetic matches a hand computation. Nothing here is timed."""
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -219,6 +220,37 @@ def test_gpu_step_says_what_it_needs():
         return
     if not torch.cuda.is_available():
         assert mod.main(["--ctx", "64"]) == 2
+
+
+def test_gpu_ab_reads_variants_and_refuses_what_it_cannot_change():
+    """benchmarks/gpu_ab.py: variants parse into (name, {CONST: value}); values take the type of the constant they
+    replace; unknown constants, load-time ones, wrong kinds and malformed specs are refused before any GPU work."""
+    mod = _benchmark_script("gpu_ab")
+    assert mod.parse_variants(" cur: ; b:ATTN_BLOCK=8, FLAG = 0 ;") == [("cur", {}), ("b", {"ATTN_BLOCK": "8",
+                                                                                           "FLAG": "0"})]
+    for bad in ("nocolon", ":ATTN_BLOCK=8", "a:ATTN_BLOCK", "a:ATTN_BLOCK=", "a:;a:", " ; "):
+        with pytest.raises(ValueError):
+            mod.parse_variants(bad)
+    consts = types.SimpleNamespace(ATTN_BLOCK=16, FLAG=True, RATE=1.5, CAP=None, PAIR_TILE=16)
+    got = mod.typed(consts, [("a", {"ATTN_BLOCK": "8", "FLAG": "0", "RATE": "2", "CAP": "96"}), ("b", {"CAP": "None"})])
+    assert got == [("a", {"ATTN_BLOCK": 8, "FLAG": False, "RATE": 2.0, "CAP": 96}), ("b", {"CAP": None})]
+    assert type(got[0][1]["ATTN_BLOCK"]) is int and type(got[0][1]["FLAG"]) is bool
+    for bad, match in (({"ATTN_BLOCK": "x"}, "does not fit"), ({"FLAG": "2"}, "does not fit"),
+                       ({"NOPE": "1"}, "no constant NOPE"), ({"PAIR_TILE": "8"}, "fixed once the weights")):
+        with pytest.raises(ValueError, match=match):
+            mod.typed(consts, [("a", bad)])
+    assert mod.main(["--variants", "nocolon"]) == 2
+    assert mod.main(["--variants", "cur:", "--batch", "65"]) == 2
+    assert mod.main(["--variants", "cur:", "--ctx", "0"]) == 2
+    try:
+        import torch  # noqa: F401
+        import triton  # noqa: F401
+    except ImportError:
+        assert mod.main(["--variants", "cur:"]) == 2
+        return
+    assert mod.main(["--variants", "cur:;x:NOT_A_CONSTANT=1"]) == 2
+    if not torch.cuda.is_available():
+        assert mod.main(["--variants", "cur:;b:ATTN_BLOCK=8"]) == 2
 
 
 def _benchmark_script(name: str):

@@ -495,6 +495,32 @@ def test_warmup_captures_each_bucket_and_leaves_results_unchanged():
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
+def test_decode_graph_benchmark_helper_fills_captures_and_times(monkeypatch):
+    """benchmarks/decode_graph.py (gpu_step.py's and gpu_ab.py's step): caches filled to a context, three greedy
+    steps that leave them there, the bucket's graph (captured on a GPU, none in the interpreter) timed."""
+    import importlib.util
+    import types
+
+    cfg = CONFIGS["bitnet-int8"]
+    net = build_model(cfg, random_weights(cfg, seed=15), backend())
+    monkeypatch.setattr("onebit.load", lambda *a, **kw: types.SimpleNamespace(net=net, backend=net.backend))
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "decode_graph.py")
+    spec = importlib.util.spec_from_file_location("decode_graph", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    dg = mod.DecodeGraph("tiny", "int8", 3, 40)
+    assert dg.bucket == 4 and len(dg.caches) == 3 and len(dg.ids[0]) == 41
+    dg.fill(30)
+    assert [c.length for c in dg.caches] == [30, 30, 30]
+    graph = dg.capture(30)
+    assert [c.length for c in dg.caches] == [30, 30, 30]
+    if DEVICE == "cuda":
+        times = dg.time(graph, 3, timings=2)
+        assert len(times) == 2 and all(t > 0 for t in times)
+    else:
+        assert graph is None
+
+
 def test_decode_past_the_rope_tables_grows_them():
     """A decode step whose RoPE tables end before the position grows them (and captures its graph again)
     instead of reading past them."""
