@@ -7,6 +7,7 @@ import types
 import numpy as np
 import pytest
 
+from benchmark_script import benchmark_script
 from onebit.eval import bench
 from onebit.eval.bench import BytesPerToken, Plan
 
@@ -166,7 +167,7 @@ def test_gpu_registers_reports_the_decode_gemvs_without_spills(capsys):
     rows, and at the default slot loop none spills more than a few bytes (8 slots unrolled spilled 1-2 KB) but
     the one its register cap holds to fewer (down: a few hundred bytes, measured faster)."""
     pytest.importorskip("triton")
-    mod = _benchmark_script("gpu_registers")
+    mod = benchmark_script("gpu_registers")
     from onebit.synth import synth_config
 
     rows = [mod.compile_gemv(g, 90, 2, None) for g in mod.gemvs(synth_config("bitnet-2b4t"))]
@@ -183,7 +184,7 @@ def test_gpu_step_chain_times_by_hand():
     """benchmarks/gpu_step.py's per-kernel chain times: each kernel's end minus its predecessor's, per replay,
     named by the kernel's place in the layer (embedding, 2 layers of the six decode kernels, the final norm and
     the lm_head, as the int8 head runs them)."""
-    mod = _benchmark_script("gpu_step")
+    mod = benchmark_script("gpu_step")
     names = ["embed"] + ["tgemv", "attn", "merge", "tgemv", "tgemv", "tgemv"] * 2 + ["norm", "gemm"]
     rng = np.random.default_rng()
     replays, events, want = 8, [], {}
@@ -209,7 +210,7 @@ def test_gpu_step_chain_times_by_hand():
 
 
 def test_gpu_step_says_what_it_needs():
-    mod = _benchmark_script("gpu_step")
+    mod = benchmark_script("gpu_step")
     assert mod.main(["--ctx", "0"]) == 2
     assert mod.main(["--profiled", "0"]) == 2
     assert mod.main(["--batch", "0"]) == 2 and mod.main(["--batch", "65"]) == 2
@@ -225,7 +226,7 @@ def test_gpu_step_says_what_it_needs():
 def test_gpu_ab_reads_variants_and_refuses_what_it_cannot_change():
     """benchmarks/gpu_ab.py: variants parse into (name, {CONST: value}); values take the type of the constant they
     replace; unknown constants, load-time ones, wrong kinds and malformed specs are refused before any GPU work."""
-    mod = _benchmark_script("gpu_ab")
+    mod = benchmark_script("gpu_ab")
     assert mod.parse_variants(" cur: ; b:ATTN_BLOCK=8, FLAG = 0 ;") == [("cur", {}), ("b", {"ATTN_BLOCK": "8",
                                                                                            "FLAG": "0"})]
     for bad in ("nocolon", ":ATTN_BLOCK=8", "a:ATTN_BLOCK", "a:ATTN_BLOCK=", "a:;a:", " ; "):
@@ -253,17 +254,6 @@ def test_gpu_ab_reads_variants_and_refuses_what_it_cannot_change():
         assert mod.main(["--variants", "cur:;b:ATTN_BLOCK=8"]) == 2
 
 
-def _benchmark_script(name: str):
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_ab_cpu_times_builds_side_by_side_and_restores_the_backend():
     """benchmarks/ab_cpu.py: two loaded copies of the package's own build, each with its context, take turns on
     every workload; their outputs agree bit for bit, each gets a time per round, and the backend's extension
@@ -274,7 +264,7 @@ def test_ab_cpu_times_builds_side_by_side_and_restores_the_backend():
     import onebit
     import onebit.kernels.cpu as cpu
 
-    ab = _benchmark_script("ab_cpu")
+    ab = benchmark_script("ab_cpu")
     so = glob.glob(os.path.join(os.path.dirname(cpu.__file__), "_ext*.so"))
     if not so:
         pytest.skip("the cpu extension is not built in place here")

@@ -12,6 +12,7 @@ import os
 import numpy as np
 import pytest
 
+from benchmark_script import benchmark_script
 from model_parity import BOUND, CONFIGS, assert_int8_head_moves_logits_within_rounding, bf16, fresh_seed, \
     greedy_batched_and_alone, prompt_and_decode, sixteen_bit_weights
 from onebit.kernels.numpy_ref import NumpyBackend, act_quant, int_dot, rmsnorm
@@ -498,16 +499,12 @@ def test_warmup_captures_each_bucket_and_leaves_results_unchanged():
 def test_decode_graph_benchmark_helper_fills_captures_and_times(monkeypatch):
     """benchmarks/decode_graph.py (gpu_step.py's and gpu_ab.py's step): caches filled to a context, three greedy
     steps that leave them there, the bucket's graph (captured on a GPU, none in the interpreter) timed."""
-    import importlib.util
     import types
 
     cfg = CONFIGS["bitnet-int8"]
     net = build_model(cfg, random_weights(cfg, seed=15), backend())
     monkeypatch.setattr("onebit.load", lambda *a, **kw: types.SimpleNamespace(net=net, backend=net.backend))
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "decode_graph.py")
-    spec = importlib.util.spec_from_file_location("decode_graph", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = benchmark_script("decode_graph")
     dg = mod.DecodeGraph("tiny", "int8", 3, 40)
     assert dg.bucket == 4 and len(dg.caches) == 3 and len(dg.ids[0]) == 41
     dg.fill(30)
