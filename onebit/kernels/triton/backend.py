@@ -83,10 +83,15 @@ its 16 pairs each) and the inputs' layout gives it to one. Loading the inputs as
 help (the compiler gives that load a layout of its own and converts it the same way). The tile as [words, 4
 sub-tiles, 4 pairs] (one 16-byte vector a word row and sub-tile, the threads along the words) with the input
 pointers said to be non-contiguous (``tl.max_contiguous(.., 1)``, one byte a lane) does take the inputs straight
-into the products' layout: no shared memory or barrier in the slot loop. Not timed: compiled for sm_90
+into the products' layout: no shared memory or barrier in the slot loop. Compiled for sm_90
 (benchmarks/gpu_registers.py) it held 198 / 255 registers in q/k/v / o (120 / 128 now; o spilled, down's spills grew
 from 128 to 360 bytes), and the reduction over words then crosses 32 lanes for 32 values a thread (160 shuffles,
-against 24), so it needs those two fixed before it can be measured.
+against 24). Timed (H200, 64 / 1024 tokens of context, alternating with the code as it is, 980 / 1175 us): in
+q/k/v alone 1052 / 1199, q/k/v and gate/up 1137 / 1282, every gemv 1207 / 1349 (gate/up then 8.6 us a call, down
+7.8, o 7.4), so the exchanges it removes cost less than its shuffles and registers. The tile laid out as [sub-tiles,
+words, pairs] instead (lanes along the sub-tiles as well: a reduction over 8 lanes, 120 registers) takes the
+exchange back: its inputs' layout replicates each word over 4 lanes, which a 1-D load cannot give, and loading them
+in the tile's 3-D shape gives the products a layout of the load's choosing, converted every slot.
 
 Three more that lost (H200, decode step, variants alternating in one device run):
 - One split at short contexts (a graph per context class; no merge kernel: the split kernel writes the output):
@@ -101,6 +106,11 @@ Three more that lost (H200, decode step, variants alternating in one device run)
   with the other two, 2 slots a pass): a thread then holds three tiles' worth of registers (q/k/v 163-178,
   gate/up 128-154: one or two programs an SM, against three).
 - The attention's programs per SM and register cap: see ``kernels.ATTN_PROGRAMS_PER_SM``.
+- Decode attention asking for the next block's rows before the current block's arithmetic (two blocks in
+  registers): 974 / 1169 / 1592 us at 64 / 1024 / 4096 tokens against 978 / 1173 / 1621; with fewer, longer splits
+  (one program an SM) 975 / 1314 / 2249. What a long split costs is each block's arithmetic, not its loads: the
+  layout exchanges and cross-warp sums of one softmax state, which ``kernels.ATTN_WARP_STATES`` removes instead.
+  Triton's own pipelining (num_stages) leaves these loads alone (their addresses come from a table: no cp.async).
 """
 
 from __future__ import annotations
