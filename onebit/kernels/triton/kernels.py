@@ -23,7 +23,8 @@ input: PROLOGUE_*; residual add, gated activation or RoPE + KV append in its epi
 from FEW_DEEP_MIN for matrices of FEW_DEEP_K inputs or more: read as bytes, four codes per op, split over K, with
 the gemv's residual and gated-activation epilogues);
 dense ``gemv`` / ``gemm`` (the lm_head; the int8 head on the tensor cores at any token count); ``norm_quant``;
-split-KV decode attention (CUDA-core FMAs, 16-byte vector loads of the cache) + merge; causal prefill attention;
+split-KV decode attention (CUDA-core FMAs, 16-byte vector loads of the cache; a softmax state per warp in
+splits of ATTN_WARP_STATES_MIN_BLOCKS blocks or more) + merge; causal prefill attention;
 RoPE; embedding gather. Every kernel takes a GDC flag: launched with programmatic dependent launch (``PDL``), it
 waits for its producer in ``_after_producers``, and what it does before that (the gemv: its whole weight tile and
 norm weight; with EARLY, the decode step's position / length / cache tables: ``EARLY_TABLES``) reads no kernel's
@@ -745,15 +746,88 @@ def _split_chunk(n, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _attn_one_state(q_rows, scale, k_base, v_base, lo, hi, d, GROUP: tl.constexpr, HKV: tl.constexpr,
+                    D: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr):
+    """Positions [lo, hi) BLOCK at a time with one running softmax state per query head: (acc [GP, D], max [GP],
+    sum [GP]); q_rows: the group's first query row. Each step's sums over D and over the block cross the warps."""
+    g = tl.arange(0, GP)
+    q = tl.load(q_rows + g[:, None] * D + d[None, :], mask=g[:, None] < GROUP, other=0.0) * scale
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], dtype=tl.float32)
+    acc = tl.zeros([GP, D], dtype=tl.float32)
+    for p0 in range(lo, hi, BLOCK):
+        p = p0 + tl.arange(0, BLOCK)
+        pmask = p < hi
+        k = tl.load(_kv_rows(k_base, p, d, HKV * D), mask=pmask[:, None], other=0.0).to(tl.float32)
+        v = tl.load(_kv_rows(v_base, p, d, HKV * D), mask=pmask[:, None], other=0.0).to(tl.float32)
+        sc = tl.sum(q[:, None, :] * k[None, :, :], 2)
+        sc = tl.where(pmask[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        alpha = tl.exp(m_i - m_new)
+        pr = tl.exp(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(pr, 1)
+        acc = acc * alpha[:, None] + tl.sum(pr[:, :, None] * v[None, :, :], 1)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attn_warp_states(q_rows, scale, k_base, v_base, lo, hi, d, GROUP: tl.constexpr, HKV: tl.constexpr,
+                      D: tl.constexpr, GP: tl.constexpr, W: tl.constexpr, PB: tl.constexpr):
+    """_attn_one_state with W running states per query head, one per warp: a step takes W x PB positions (warp
+    w: PB of them) and the W states are merged once, at the end. The tensors are [GP, PB, W, D] throughout
+    (the states keep size-1 dims) and the keys and values are loaded in that shape, so every op keeps the
+    loads' layout (lanes along D and PB, warps along W): a step's sums over D and PB stay in a warp, with no
+    layout exchange through shared memory. Dearer than one state for a single step (the final merge)."""
+    wj = tl.arange(0, PB)[:, None] + tl.arange(0, W)[None, :] * PB  # [PB, W]
+    g4 = tl.arange(0, GP)[:, None, None, None]
+    q4 = tl.load(q_rows + g4 * D + d[None, None, None, :], mask=g4 < GROUP, other=0.0) * scale  # [GP, 1, 1, D]
+    m_i = tl.full([GP, 1, W, 1], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP, 1, W, 1], dtype=tl.float32)
+    acc = tl.zeros([GP, 1, W, D], dtype=tl.float32)
+    for p0 in range(lo, hi, W * PB):
+        p = p0 + wj
+        pmask = (p < hi)[None, :, :, None]
+        rows = p[None, :, :, None] * (HKV * D) + d[None, None, None, :]
+        k = tl.load(tl.max_contiguous(tl.multiple_of(k_base + rows, [1, 1, 1, 16]), [1, 1, 1, 16]),
+                    mask=pmask, other=0.0).to(tl.float32)
+        v = tl.load(tl.max_contiguous(tl.multiple_of(v_base + rows, [1, 1, 1, 16]), [1, 1, 1, 16]),
+                    mask=pmask, other=0.0).to(tl.float32)
+        sc = tl.sum(q4 * k, 3, keep_dims=True)  # [GP, PB, W, 1]
+        sc = tl.where(pmask, sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, 1, keep_dims=True))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a warp with no position yet keeps zeros
+        alpha = tl.exp(m_i - m_use)
+        pr = tl.exp(sc - m_use)
+        l_i = l_i * alpha + tl.sum(pr, 1, keep_dims=True)
+        acc = acc * alpha + tl.sum(pr * v, 1, keep_dims=True)
+        m_i = m_new
+    m = tl.max(m_i, 2, keep_dims=True)  # [GP, 1, 1, 1]: the W states merged
+    wt = tl.where(m_i == float("-inf"), 0.0, tl.exp(m_i - m))
+    return (tl.reshape(tl.sum(acc * wt, 2), [GP, D]), tl.reshape(m, [GP]),
+            tl.reshape(tl.sum(l_i * wt, 2), [GP]))
+
+
+@triton.jit
+def _attn_store(acc, m_i, l_i, part_o_ptr, part_ml_ptr, row, g, d, GROUP: tl.constexpr, D: tl.constexpr):
+    """A split's partial output [GP, D] and (max, sum) [GP] into rows ``row`` of the merge's inputs."""
+    tl.store(part_o_ptr + row[:, None] * D + d[None, :], acc, mask=g[:, None] < GROUP)
+    tl.store(part_ml_ptr + row * 2, m_i, mask=g < GROUP)
+    tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=g < GROUP)
+
+
+@triton.jit
 def _decode_attn_kernel(q_ptr, base_ptr, maxlen_ptr, len_ptr, part_o_ptr, part_ml_ptr, layer, scale,
                         HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GP: tl.constexpr,
                         SPLITS: tl.constexpr, BLOCK: tl.constexpr, KVF32: tl.constexpr, EARLY: tl.constexpr,
-                        GDC: tl.constexpr):
+                        W: tl.constexpr, PB: tl.constexpr, WMIN: tl.constexpr, GDC: tl.constexpr):
     """One (sequence b, kv head h, split s): the group's query heads (GP >= the group, padded) over positions
     [s * chunk, (s + 1) * chunk) of the first len[b]; partial output and (max, sum) for the merge. Scores and
-    the weighted sum are float32 FMAs on CUDA cores (one query per head: no tensor-core tile to fill). EARLY
-    (the decode step's tables were written before its first kernel): lengths and cache addresses are read, and
-    splits past the context leave, before the wait for the producer of q and the newest K/V row."""
+    the weighted sum are float32 FMAs on CUDA cores (one query per head: no tensor-core tile to fill). A split
+    of fewer than WMIN BLOCKs takes one softmax state per head (_attn_one_state); a longer one, with W (> 0) x
+    PB = BLOCK, one per warp (_attn_warp_states); see ATTN_WARP_STATES. EARLY (the decode step's tables were
+    written before its first kernel): lengths and cache addresses are read, and splits past the context leave,
+    before the wait for the producer of q and the newest K/V row."""
     if not EARLY:
         _after_producers(GDC)
     b, h, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -775,28 +849,18 @@ def _decode_attn_kernel(q_ptr, base_ptr, maxlen_ptr, len_ptr, part_o_ptr, part_m
         _after_producers(GDC)
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
-    qmask = g[:, None] < GROUP
-    q = tl.load(q_ptr + (b * HQ + h * GROUP + g[:, None]) * D + d[None, :], mask=qmask, other=0.0) * scale
-    m_i = tl.full([GP], float("-inf"), tl.float32)
-    l_i = tl.zeros([GP], dtype=tl.float32)
-    acc = tl.zeros([GP, D], dtype=tl.float32)
-    for p0 in range(lo, hi, BLOCK):
-        p = p0 + tl.arange(0, BLOCK)
-        pmask = p < hi
-        k = tl.load(_kv_rows(k_base, p, d, HKV * D), mask=pmask[:, None], other=0.0).to(tl.float32)
-        v = tl.load(_kv_rows(v_base, p, d, HKV * D), mask=pmask[:, None], other=0.0).to(tl.float32)
-        sc = tl.sum(q[:, None, :] * k[None, :, :], 2)
-        sc = tl.where(pmask[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, 1))
-        alpha = tl.exp(m_i - m_new)
-        pr = tl.exp(sc - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(pr, 1)
-        acc = acc * alpha[:, None] + tl.sum(pr[:, :, None] * v[None, :, :], 1)
-        m_i = m_new
+    # each path loads q and stores its results in its own layouts (nothing crosses the branch to be converted)
+    q_rows = q_ptr + (b * HQ + h * GROUP) * D
     row = (b * HQ + h * GROUP + g) * SPLITS + sp
-    tl.store(part_o_ptr + row[:, None] * D + d[None, :], acc, mask=qmask)
-    tl.store(part_ml_ptr + row * 2, m_i, mask=g < GROUP)
-    tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=g < GROUP)
+    if W == 0:
+        acc, m_i, l_i = _attn_one_state(q_rows, scale, k_base, v_base, lo, hi, d, GROUP, HKV, D, GP, BLOCK)
+        _attn_store(acc, m_i, l_i, part_o_ptr, part_ml_ptr, row, g, d, GROUP, D)
+    elif chunk >= WMIN * BLOCK:
+        acc, m_i, l_i = _attn_warp_states(q_rows, scale, k_base, v_base, lo, hi, d, GROUP, HKV, D, GP, W, PB)
+        _attn_store(acc, m_i, l_i, part_o_ptr, part_ml_ptr, row, g, d, GROUP, D)
+    else:
+        acc, m_i, l_i = _attn_one_state(q_rows, scale, k_base, v_base, lo, hi, d, GROUP, HKV, D, GP, BLOCK)
+        _attn_store(acc, m_i, l_i, part_o_ptr, part_ml_ptr, row, g, d, GROUP, D)
 
 
 @triton.jit
@@ -935,6 +999,14 @@ ATTN_WARPS, MERGE_WARPS = 8, 2
 # attention kernel (96: two programs an SM, no spills) 982 / 1173 / 1615, (64: 56 bytes of stack) 1012 / 1458 /
 # 2284: its time at long contexts is not waves of programs waiting for an SM.
 ATTN_PROGRAMS_PER_SM = 4
+# Splits of at least ATTN_WARP_STATES_MIN_BLOCKS blocks keep a softmax state per warp (_attn_warp_states: no
+# layout exchange or cross-warp sum per step; one merge of the warps' states at the end), shorter ones one state
+# per head. H200, decode step of one sequence, variants alternating in one run (us, warp states / one state):
+# 1024 tokens of context (splits of 2 blocks) 1260 / 1173, 2048 (3 blocks) 1303 / 1321, 4096 (5 blocks)
+# 1395-1399 / 1621-1623; at 64 (1 block, the one-state path in both) 984 / 980. Before the branch loaded q and
+# stored the results in each path's own layout, the one-state path in the same kernel cost 1004 at 64.
+ATTN_WARP_STATES = True
+ATTN_WARP_STATES_MIN_BLOCKS = 3
 PAIR_TILE = 16  # row pairs per ternary tile and gemv program (64 contiguous bytes per word row)
 GEMM_WORDS = 64  # words per ternary GEMM step (64 / 32: 157 / 200 us per layer at 64 tokens on an H200)
 GEMV_WARPS = 8  # tiles of 8 / 16 pairs with 2 / 4 / 8 warps measured on an H200: 16 pairs, 8 warps fastest
@@ -1405,10 +1477,12 @@ def decode_attention_tables(q: torch.Tensor, base: torch.Tensor, maxlen: torch.T
     if scr.get("po") is None or scr["po"].shape[0] < b * hq * splits:
         scr["po"] = torch.empty((b * hq * splits, d), dtype=torch.float32, device=dev)
         scr["pml"] = torch.empty((b * hq * splits, 2), dtype=torch.float32, device=dev)
+    pb = ATTN_BLOCK // ATTN_WARPS if ATTN_WARP_STATES and ATTN_BLOCK % ATTN_WARPS == 0 else 0
     _decode_attn_kernel[(b, hkv, splits)](q, base, maxlen, lengths, scr["po"], scr["pml"], layer, d ** -0.5,
                                           HQ=hq, HKV=hkv, D=d, GP=gp, SPLITS=splits, BLOCK=ATTN_BLOCK,
-                                          KVF32=kv_f32, EARLY=early, num_warps=ATTN_WARPS, num_stages=1,
-                                          **_pdl(dev))
+                                          KVF32=kv_f32, EARLY=early, W=ATTN_WARPS if pb else 0, PB=max(pb, 1),
+                                          WMIN=ATTN_WARP_STATES_MIN_BLOCKS,
+                                          num_warps=ATTN_WARPS, num_stages=1, **_pdl(dev))
     out = torch.empty((b, hq * d), dtype=torch.float32, device=dev)
     _merge_kernel[(b * hq,)](scr["po"], scr["pml"], out, lengths, HQ=hq, D=d, SPLITS=splits,
                              SP=max(2, _pow2(splits)), BLOCK=ATTN_BLOCK, EARLY=early, num_warps=MERGE_WARPS,
