@@ -4,6 +4,15 @@ whose caches are filled to a context, the step captured at it, and its graph rep
 from __future__ import annotations
 
 
+def add_step_args(p, ctx: str, replays: int) -> None:
+    """The options gpu_step.py and gpu_ab.py share: the model, its contexts, sequences, lm_head and replays."""
+    p.add_argument("--model", default=None, help="model folder (default: the synthetic bitnet-2b4t, written once)")
+    p.add_argument("--ctx", default=ctx, help=f"contexts to time, comma-separated (default: {ctx})")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step, 1-64 (default: 1)")
+    p.add_argument("--lm-head", default="int8", choices=("int8", "f16"), help="lm_head precision (default: int8)")
+    p.add_argument("--replays", type=int, default=replays, help=f"graph replays per timing (default: {replays})")
+
+
 def gpu_missing() -> str | None:
     """Why the decode step cannot run here (torch or triton missing, no CUDA GPU), or None."""
     try:

@@ -24,6 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # decode_graph
 
+from decode_graph import DecodeGraph, add_step_args, gpu_missing  # noqa: E402
+
 # read when the weights are packed or the process's buffers are made: a variant cannot change them
 FIXED = ("PAIR_TILE", "GEMV_MAX_TOKENS", "SCRATCH_K", "FEW_WS_INTS", "FEW_COUNTERS")
 
@@ -31,12 +33,8 @@ FIXED = ("PAIR_TILE", "GEMV_MAX_TOKENS", "SCRATCH_K", "FEW_WS_INTS", "FEW_COUNTE
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--variants", required=True, help='"name:CONST=value,...;name2:..." (the first is the reference)')
-    p.add_argument("--model", default=None, help="model folder (default: the synthetic bitnet-2b4t, written once)")
-    p.add_argument("--ctx", default="64", help="contexts to time, comma-separated (default: 64)")
-    p.add_argument("--batch", type=int, default=1, help="sequences per step, 1-64 (default: 1)")
-    p.add_argument("--lm-head", default="int8", choices=("int8", "f16"), help="lm_head precision (default: int8)")
+    add_step_args(p, ctx="64", replays=100)
     p.add_argument("--rounds", type=int, default=2, help="times each variant is timed, alternating (default: 2)")
-    p.add_argument("--replays", type=int, default=100, help="graph replays per timing (default: 100)")
     p.add_argument("--json", default=None, help="also write every timing to this file")
     return p.parse_args(argv)
 
@@ -109,8 +107,6 @@ def main(argv=None) -> int:
     if not ctxs or ctxs[0] < 1 or not 1 <= args.batch <= 64 or args.rounds < 1 or args.replays < 1:
         print("gpu_ab: --ctx wants positive contexts, --batch 1-64, --rounds and --replays at least 1", file=sys.stderr)
         return 2
-    from decode_graph import DecodeGraph, gpu_missing
-
     try:
         from onebit.kernels.triton import kernels as K
         variants = typed(K, variants)  # checked before the GPU is: a typo fails here too
@@ -119,8 +115,9 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"gpu_ab: {e}", file=sys.stderr)
         return 2
-    if K is None or gpu_missing():
-        print(f"gpu_ab: {gpu_missing() or 'needs triton'}", file=sys.stderr)
+    why = gpu_missing() or (None if K else "needs triton")
+    if why:
+        print(f"gpu_ab: {why}", file=sys.stderr)
         return 2
     import torch
 

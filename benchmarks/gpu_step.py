@@ -21,17 +21,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # decode_graph
 
+from decode_graph import DecodeGraph, add_step_args, gpu_missing  # noqa: E402
+
 # the decode step's kernels per layer, in launch order, for one sequence (backend.DecodeStep.body)
 LAYER = ("q/k/v gemv", "attention", "merge", "o gemv", "gate/up gemv", "down gemv")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
-    p.add_argument("--model", default=None, help="model folder (default: the synthetic bitnet-2b4t, written once)")
-    p.add_argument("--ctx", default="64,1024", help="contexts to time, comma-separated (default: 64,1024)")
-    p.add_argument("--batch", type=int, default=1, help="sequences per step, 1-64 (default: 1)")
-    p.add_argument("--lm-head", default="int8", choices=("int8", "f16"), help="lm_head precision (default: int8)")
-    p.add_argument("--replays", type=int, default=200, help="graph replays per timing (default: 200)")
+    add_step_args(p, ctx="64,1024", replays=200)
     p.add_argument("--profiled", type=int, default=20, help="replays under the profiler (default: 20)")
     return p.parse_args(argv)
 
@@ -79,10 +77,9 @@ def main(argv=None) -> int:
     if args.replays < 1 or args.profiled < 1:
         print("gpu_step: --replays and --profiled want at least 1", file=sys.stderr)
         return 2
-    from decode_graph import DecodeGraph, gpu_missing
-
-    if gpu_missing():
-        print(f"gpu_step: {gpu_missing()}", file=sys.stderr)
+    why = gpu_missing()
+    if why:
+        print(f"gpu_step: {why}", file=sys.stderr)
         return 2
     import torch
     from torch.profiler import ProfilerActivity, profile
