@@ -353,6 +353,37 @@ def test_split_kv_decode_attention_matches_reference(n, splits, early):
         np.testing.assert_allclose(got[i], want, rtol=0, atol=1e-5)  # float16 storage, float32 math
 
 
+# the short-context path (no splits, no merge): contexts shorter than one step of its warps (most warps see no
+# position), exactly one step, several steps; one to four query heads a program (3 of a group of 3 falls back to
+# 1); fewer positions a warp; each step's rows asked for during the step before (pre) or not
+@pytest.mark.parametrize("n", [1, 37, 64, 150])
+@pytest.mark.parametrize("heads,pb,hq,pre", [(1, 2, 8, True), (4, 2, 8, False), (2, 4, 6, True), (3, 8, 6, False)])
+def test_short_context_decode_attention_matches_reference(n, heads, pb, hq, pre, monkeypatch):
+    """The short-context kernel against the reference; the split kernel given the same sequences with a short_max
+    between their lengths: the short ones bit for bit as the short kernel gives them (batched decoding equal to
+    decoding alone), the others as the split kernel alone gives them."""
+    monkeypatch.setattr(K, "ATTN_SHORT_HEADS", heads)
+    monkeypatch.setattr(K, "ATTN_SHORT_PB", pb)
+    monkeypatch.setattr(K, "ATTN_SHORT_PREFETCH", pre)
+    b, hkv, d, max_len = 3, 2, 64, 160
+    q = rng().standard_normal((b, hq, d)).astype(np.float32)
+    k = rng().standard_normal((b, max_len, hkv, d)).astype(np.float16)
+    v = rng().standard_normal((b, max_len, hkv, d)).astype(np.float16)
+    lengths = np.array([n, max(1, n // 2), min(max_len, n + 5)], dtype=np.int32)
+    early = n % 2 == 0
+    args = (dev(q), dev(k), dev(v), dev(lengths))
+    got = host(K.decode_attention(*args, early=early, short=True))
+    for i in range(b):
+        want = _attention_reference(q[i], k[i].astype(np.float32), v[i].astype(np.float32), int(lengths[i]))
+        np.testing.assert_allclose(got[i], want, rtol=0, atol=1e-5)
+    short_max = int(lengths[1])  # sequence 1 (and 0 when n = 1) short, the others split
+    splits = 3 if heads == 1 else 1  # fewer splits than head groups: a program takes several
+    mixed = host(K.decode_attention(*args, num_splits=splits, early=early, short_max=short_max))
+    split = host(K.decode_attention(*args, num_splits=splits, early=early))
+    for i in range(b):
+        np.testing.assert_array_equal(mixed[i], (got if lengths[i] <= short_max else split)[i])
+
+
 @pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
 def test_prefill_and_decode_attention_through_the_backend(kv_dtype):
     be, ref = backend(kv_dtype=kv_dtype), NumpyBackend()
@@ -382,18 +413,24 @@ def models(cfg, seed, **options):
     return build_model(cfg, w, ref), build_model(cfg, w, backend(**options))
 
 
-@pytest.mark.parametrize("name,kv_dtype", [("bitnet-int8", "f32"), ("bitnet-int8", "f16"),
-                                           ("llama-f32act", "f32")])
-def test_prompt_and_16_decode_steps_match_reference(name, kv_dtype):
+# short_max: contexts of 12-27 positions all short (the default), crossing it at 20, or never short (0)
+@pytest.mark.parametrize("name,kv_dtype,short_max", [("bitnet-int8", "f32", None), ("bitnet-int8", "f16", None),
+                                                     ("llama-f32act", "f32", None), ("bitnet-int8", "f16", 20),
+                                                     ("llama-f32act", "f32", 0)])
+def test_prompt_and_16_decode_steps_match_reference(name, kv_dtype, short_max, monkeypatch):
+    if short_max is not None:
+        monkeypatch.setattr(K, "ATTN_SHORT_MAX", short_max)
     ref, fast = models(CONFIGS[name], seed=fresh_seed(), kv_dtype=kv_dtype)
     err, agree, _, _ = prompt_and_decode(ref, fast)
     assert err <= BOUND[name], f"max|diff| = {err:.2e} x max|logit|"
     assert agree.mean() >= 0.95, f"argmax agrees at {agree.mean():.0%} of positions"
 
 
-def test_decode_steps_take_the_fused_path_and_graphs_replay_exactly(monkeypatch):
+@pytest.mark.parametrize("short_max", [8, 0, 96])  # 8: the steps alternate between the two attention graphs
+def test_decode_steps_take_the_fused_path_and_graphs_replay_exactly(short_max, monkeypatch):
     """Graph replays (new positions, new cache sets each step) equal the same fused step run eagerly, the
     graphs with the step's tables read before each kernel's wait (EARLY_TABLES), the eager steps after it."""
+    monkeypatch.setattr(K, "ATTN_SHORT_MAX", short_max)
     cfg = CONFIGS["bitnet-int8"]
     w = random_weights(cfg, seed=11)
     eager = build_model(cfg, w, backend(graphs=False))
@@ -415,8 +452,10 @@ def test_decode_steps_take_the_fused_path_and_graphs_replay_exactly(monkeypatch)
     assert ("fused decode steps", len(eager.backend._steps)) == ("fused decode steps", 2)  # buckets 4 and 2
     for a, b in zip(*outs):
         np.testing.assert_array_equal(a, b)
-    if DEVICE == "cuda":
-        assert all(s.graph is not None for s in graphed.backend._steps.values())
+    if DEVICE == "cuda":  # each class's first step in a bucket runs eagerly, its next ones replay its graph
+        assert all(s.graphs for s in graphed.backend._steps.values())
+        classes = {short for s in graphed.backend._steps.values() for short in s.graphs}
+        assert classes == ({True, False} if short_max == 8 else {short_max > 0})
 
 
 def test_greedy_decode_steps_pick_the_argmax_of_the_same_steps_logits():
@@ -487,8 +526,8 @@ def test_warmup_captures_each_bucket_and_leaves_results_unchanged():
     cold, warm = build_model(cfg, w, backend()), build_model(cfg, w, backend())
     warm.backend.warmup(warm, max_batch=3)
     assert sorted(k[1] for k in warm.backend._steps) == [1, 2, 4]  # buckets up to the first >= 3
-    if DEVICE == "cuda":
-        assert all(s.graph is not None for s in warm.backend._steps.values())
+    if DEVICE == "cuda":  # both attention graphs of each bucket (the tiny model's contexts reach past the short)
+        assert all(sorted(s.graphs) == [False, True] for s in warm.backend._steps.values())
     ids = rng().integers(0, cfg.vocab_size, 7)
     outs = []
     for net in (cold, warm):
@@ -539,8 +578,10 @@ def test_decode_past_the_rope_tables_grows_them():
     assert step.cos.shape[0] > 12 and step.runs >= 1
 
 
-@pytest.mark.parametrize("n_seq", [4, 5, 18])
-def test_batched_decode_equals_decoding_alone(n_seq):
+@pytest.mark.parametrize("n_seq,short_max", [(4, None), (5, None), (18, None), (5, 8)])  # 8: short and long mixed
+def test_batched_decode_equals_decoding_alone(n_seq, short_max, monkeypatch):
+    if short_max is not None:
+        monkeypatch.setattr(K, "ATTN_SHORT_MAX", short_max)
     cfg = CONFIGS["bitnet-int8"]
     _, model = models(cfg, seed=3)
     prompts = [rng().integers(0, cfg.vocab_size, n) for n in rng().integers(1, 12, n_seq)]

@@ -12,9 +12,11 @@ Two paths:
   sub-norm + quantization prologue and residual epilogue, whose last program also normalizes and quantizes the
   residual rows for gate/up (``kernels.FOLD_NORM``; one sequence: ``FOLD_MAX_TOKENS``); the gate/up matmul
   on int8 with the gated activation; down matmul with sub-norm + quantization prologue and residual epilogue),
-  replayed from a CUDA graph captured once per (model, batch bucket), each kernel launched while the previous
-  one runs (programmatic dependent launch, ``kernels.PDL``). Sequences find their KV caches through a table of
-  addresses in the graph's static inputs, so any mix of sequences and lengths replays the same graph.
+  replayed from a CUDA graph captured once per (model, batch bucket, attention class), each kernel launched while
+  the previous one runs (programmatic dependent launch, ``kernels.PDL``). Sequences find their KV caches through a
+  table of addresses in the graph's static inputs, so any mix of sequences and lengths replays the same graph of
+  its class: five kernels a layer when every context is at most ``kernels.ATTN_SHORT_MAX`` positions (one
+  attention kernel takes each whole, no merge), six otherwise.
 
 Not one persistent kernel (measured on an H200, bitnet-2b4t shapes, one sequence): all layers in one kernel of
 one program per SM, its phases ordered by counters (a release add after each unit's stores, consumers spinning
@@ -309,7 +311,8 @@ class TritonCudaBackend:
             tabs = self._tables([cache], [start])
             hkv = cache.kv.shape[3]
             splits = K.choose_splits(1, hkv, start + 1, K.sm_count(self.device))
-            out = K.decode_attention_tables(q, *tabs, layer, hkv, splits, kv_f32=cache.kv.dtype == torch.float32)
+            out = K.decode_attention_tables(q, *tabs, layer, hkv, splits, kv_f32=cache.kv.dtype == torch.float32,
+                                            short_max=K.ATTN_SHORT_MAX, short=start + 1 <= K.ATTN_SHORT_MAX)
             return out.view(1, hq, d)
         return K.prefill_attention(q, cache.kv[layer, 0], cache.kv[layer, 1], start)
 
@@ -379,15 +382,22 @@ class TritonCudaBackend:
         ``max_batch``, on throwaway caches, so that no request waits for Triton's JIT (seconds per variant on
         a fresh machine; Triton keeps them in its on-disk cache, so later starts are quick)."""
         vocab = net.config.vocab_size
-        ctx = min(net.config.max_position_embeddings, 128)
+        ctx = min(net.config.max_position_embeddings, max(128, K.ATTN_SHORT_MAX + 3))
         for n in (1, 3, 5, 40):  # gemv token counts 1 / 2-4, the two gemm tile heights, prefill attention
             net.forward_batch([(np.arange(n) % vocab, net.make_cache(ctx))], last_only=True)
         for bucket in BUCKETS:
             caches = [net.make_cache(ctx) for _ in range(bucket)]
             for c in caches:
                 net.forward_batch([(np.arange(2) % vocab, c)], last_only=True)
-            for _ in range(2):  # the first run is eager, the second captures the graph
-                net.forward_batch([(np.array([1]), c) for c in caches], last_only=True)
+            # each attention class's graph (short contexts, then longer ones: the caches' unwritten rows are
+            # zeros), its first run eager, the second captured
+            for length in (2, K.ATTN_SHORT_MAX):
+                if length < 2 or length + 2 > ctx:
+                    continue
+                for c in caches:
+                    c.length = length
+                for _ in range(2):
+                    net.forward_batch([(np.array([1]), c) for c in caches], last_only=True)
             if bucket >= max_batch:
                 break
         if self.device.type == "cuda":
@@ -519,6 +529,11 @@ class DecodeStep:
         self.done = [torch.cuda.Event() if pin else None for _ in range(2)]
         self.slot = 0
         self.busy = False  # a greedy chain is open on this step (TritonCudaBackend.greedy_chain)
+        # a graph per attention class: short (every context at most K.ATTN_SHORT_MAX: no merge kernel) or not;
+        # graph: the one the last launch replayed
+        self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+        self.outs: dict[bool, torch.Tensor] = {}  # each graph's logits
+        self.eager_runs: dict[bool, int] = {}
         self.graph = None
         self.logits = None
         self.h_logits = None  # pinned host copy of the logits, made at the first step
@@ -543,7 +558,9 @@ class DecodeStep:
         last = max(s.start for s in segments)
         if last >= self.cos.shape[0]:  # positions past the RoPE tables: grow them
             self.cos, self.sin = self.be.rope_tables(float(self.cfg.rope_theta), self.d // 2, 2 * last + 1)
-            self.graph, self.runs = None, 0  # the graph read the old tables: capture again
+            self.graphs.clear()  # the graphs read the old tables: capture again
+            self.eager_runs.clear()
+        short = last + 1 <= K.ATTN_SHORT_MAX
         slot = self.slot
         self.slot ^= 1
         h_ids, h_base, h_i32 = self.h_views[slot]
@@ -556,13 +573,15 @@ class DecodeStep:
         h_i32[2] = [c.max_len for c in caches]
         h_base[:] = [c.kv.data_ptr() for c in caches]
         self.d_buf.copy_(self.h_bufs[slot], non_blocking=True)
+        self.graph = self.graphs.get(short)
+        if self.graph is None and self.be.graphs and self.eager_runs.get(short, 0) >= 1:
+            self._capture(short)
         if self.graph is not None:
             self.graph.replay()
-        elif self.be.graphs and self.runs >= 1:
-            self._capture()
-            self.graph.replay()
+            self.logits = self.outs[short]
         else:
-            self.logits = self.body()
+            self.logits = self.body(short)
+            self.eager_runs[short] = self.eager_runs.get(short, 0) + 1
         self.runs += 1
         if greedy:
             self.h_keys[slot][:n].copy_(self.keys[:n], non_blocking=True)
@@ -585,15 +604,16 @@ class DecodeStep:
             return K.argmax_from_keys(self.h_keys[slot][:n].numpy())
         return self.h_logits[:n].numpy().copy()
 
-    def _capture(self) -> None:
+    def _capture(self, short: bool) -> None:
         torch.cuda.synchronize(self.be.device)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            self.logits = self.body()
-        self.graph = g
+            self.outs[short] = self.body(short)
+        self.graph = self.graphs[short] = g
 
-    def body(self) -> torch.Tensor:
-        """The whole decode step on the static inputs (eager, or recorded into the graph)."""
+    def body(self, short: bool) -> torch.Tensor:
+        """The whole decode step on the static inputs (eager, or recorded into the graph); ``short``: every
+        context is at most K.ATTN_SHORT_MAX positions."""
         be, cfg, eps = self.be, self.cfg, float(self.cfg.rms_norm_eps)
         net = self.net
         pos, lengths, maxlen = self.i32[0], self.i32[1], self.i32[2]
@@ -612,7 +632,8 @@ class DecodeStep:
                 K.rope_append(y, self.q, self.cos, self.sin, pos, self.base, maxlen, i, self.hq, self.hkv, self.d,
                               self.kv_f32)
             a = K.decode_attention_tables(q3, self.base, maxlen, lengths, i, self.hkv, self.splits,
-                                          scratch=self.scratch, kv_f32=self.kv_f32, early=True)
+                                          scratch=self.scratch, kv_f32=self.kv_f32, early=True,
+                                          short_max=K.ATTN_SHORT_MAX, short=short)
             if self.fold_norm:
                 K.matmul(a, p.o, norm=p.attn_sub_norm, eps=eps, quant=True, out=x, residual=True,
                          next_norm=(p.post_norm, eps, self.xq, self.xs))

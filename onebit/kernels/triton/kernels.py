@@ -24,7 +24,8 @@ from FEW_DEEP_MIN for matrices of FEW_DEEP_K inputs or more: read as bytes, four
 the gemv's residual and gated-activation epilogues);
 dense ``gemv`` / ``gemm`` (the lm_head; the int8 head on the tensor cores at any token count); ``norm_quant``;
 split-KV decode attention (CUDA-core FMAs, 16-byte vector loads of the cache; a softmax state per warp in
-splits of ATTN_WARP_STATES_MIN_BLOCKS blocks or more) + merge; causal prefill attention;
+splits of ATTN_WARP_STATES_MIN_BLOCKS blocks or more) + merge, and sequences of at most ATTN_SHORT_MAX positions
+taken whole (no merge); causal prefill attention;
 RoPE; embedding gather. Every kernel takes a GDC flag: launched with programmatic dependent launch (``PDL``), it
 waits for its producer in ``_after_producers``, and what it does before that (the gemv: its whole weight tile and
 norm weight; with EARLY, the decode step's position / length / cache tables: ``EARLY_TABLES``) reads no kernel's
@@ -772,27 +773,43 @@ def _attn_one_state(q_rows, scale, k_base, v_base, lo, hi, d, GROUP: tl.constexp
 
 
 @triton.jit
+def _warp_rows(k_base, v_base, p, hi, d, HKV: tl.constexpr, D: tl.constexpr):
+    """Keys and values of positions p [PB, W] (those < hi; zeros past it) as float32 [1, PB, W, D]."""
+    pmask = (p < hi)[None, :, :, None]
+    rows = p[None, :, :, None] * (HKV * D) + d[None, None, None, :]
+    k = tl.load(tl.max_contiguous(tl.multiple_of(k_base + rows, [1, 1, 1, 16]), [1, 1, 1, 16]),
+                mask=pmask, other=0.0).to(tl.float32)
+    v = tl.load(tl.max_contiguous(tl.multiple_of(v_base + rows, [1, 1, 1, 16]), [1, 1, 1, 16]),
+                mask=pmask, other=0.0).to(tl.float32)
+    return k, v
+
+
+@triton.jit
 def _attn_warp_states(q_rows, scale, k_base, v_base, lo, hi, d, GROUP: tl.constexpr, HKV: tl.constexpr,
-                      D: tl.constexpr, GP: tl.constexpr, W: tl.constexpr, PB: tl.constexpr):
+                      D: tl.constexpr, GP: tl.constexpr, W: tl.constexpr, PB: tl.constexpr,
+                      PRE: tl.constexpr = False):
     """_attn_one_state with W running states per query head, one per warp: a step takes W x PB positions (warp
     w: PB of them) and the W states are merged once, at the end. The tensors are [GP, PB, W, D] throughout
     (the states keep size-1 dims) and the keys and values are loaded in that shape, so every op keeps the
     loads' layout (lanes along D and PB, warps along W): a step's sums over D and PB stay in a warp, with no
-    layout exchange through shared memory. Dearer than one state for a single step (the final merge)."""
+    layout exchange through shared memory. Dearer than one state for a single step (the final merge). PRE: each
+    step's keys and values are asked for before the step before it computes (two steps' rows in registers)."""
     wj = tl.arange(0, PB)[:, None] + tl.arange(0, W)[None, :] * PB  # [PB, W]
     g4 = tl.arange(0, GP)[:, None, None, None]
     q4 = tl.load(q_rows + g4 * D + d[None, None, None, :], mask=g4 < GROUP, other=0.0) * scale  # [GP, 1, 1, D]
     m_i = tl.full([GP, 1, W, 1], float("-inf"), tl.float32)
     l_i = tl.zeros([GP, 1, W, 1], dtype=tl.float32)
     acc = tl.zeros([GP, 1, W, D], dtype=tl.float32)
+    if PRE:
+        k_n, v_n = _warp_rows(k_base, v_base, lo + wj, hi, d, HKV, D)
     for p0 in range(lo, hi, W * PB):
         p = p0 + wj
         pmask = (p < hi)[None, :, :, None]
-        rows = p[None, :, :, None] * (HKV * D) + d[None, None, None, :]
-        k = tl.load(tl.max_contiguous(tl.multiple_of(k_base + rows, [1, 1, 1, 16]), [1, 1, 1, 16]),
-                    mask=pmask, other=0.0).to(tl.float32)
-        v = tl.load(tl.max_contiguous(tl.multiple_of(v_base + rows, [1, 1, 1, 16]), [1, 1, 1, 16]),
-                    mask=pmask, other=0.0).to(tl.float32)
+        if PRE:
+            k, v = k_n, v_n
+            k_n, v_n = _warp_rows(k_base, v_base, p + W * PB, hi, d, HKV, D)
+        else:
+            k, v = _warp_rows(k_base, v_base, p, hi, d, HKV, D)
         sc = tl.sum(q4 * k, 3, keep_dims=True)  # [GP, PB, W, 1]
         sc = tl.where(pmask, sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, 1, keep_dims=True))
@@ -817,34 +834,68 @@ def _attn_store(acc, m_i, l_i, part_o_ptr, part_ml_ptr, row, g, d, GROUP: tl.con
 
 
 @triton.jit
-def _decode_attn_kernel(q_ptr, base_ptr, maxlen_ptr, len_ptr, part_o_ptr, part_ml_ptr, layer, scale,
-                        HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GP: tl.constexpr,
-                        SPLITS: tl.constexpr, BLOCK: tl.constexpr, KVF32: tl.constexpr, EARLY: tl.constexpr,
-                        W: tl.constexpr, PB: tl.constexpr, WMIN: tl.constexpr, GDC: tl.constexpr):
-    """One (sequence b, kv head h, split s): the group's query heads (GP >= the group, padded) over positions
-    [s * chunk, (s + 1) * chunk) of the first len[b]; partial output and (max, sum) for the merge. Scores and
-    the weighted sum are float32 FMAs on CUDA cores (one query per head: no tensor-core tile to fill). A split
-    of fewer than WMIN BLOCKs takes one softmax state per head (_attn_one_state); a longer one, with W (> 0) x
-    PB = BLOCK, one per warp (_attn_warp_states); see ATTN_WARP_STATES. EARLY (the decode step's tables were
-    written before its first kernel): lengths and cache addresses are read, and splits past the context leave,
-    before the wait for the producer of q and the newest K/V row."""
-    if not EARLY:
-        _after_producers(GDC)
-    b, h, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    GROUP: tl.constexpr = HQ // HKV
-    n = tl.load(len_ptr + b)
-    chunk = _split_chunk(n, SPLITS, BLOCK)
-    lo = sp * chunk
-    if lo >= n:  # past the context: the merge reads only the splits that hold positions
-        return
-    hi = tl.minimum(lo + chunk, n)
+def _kv_bases(base_ptr, maxlen_ptr, b, h, layer, HKV: tl.constexpr, D: tl.constexpr, KVF32: tl.constexpr):
+    """Where kv head h's keys and values of layer ``layer`` start in sequence b's cache (found through the tables)."""
     if KVF32:
         base = tl.load(base_ptr + b).to(tl.pointer_type(tl.float32))
     else:
         base = tl.load(base_ptr + b).to(tl.pointer_type(tl.float16))
     maxlen = tl.load(maxlen_ptr + b).to(tl.int64)
     k_base = base + (layer * 2 * maxlen) * HKV * D + h * D
-    v_base = k_base + maxlen * HKV * D
+    return k_base, k_base + maxlen * HKV * D
+
+
+@triton.jit
+def _attn_short_heads(q_ptr, out_ptr, k_base, v_base, n, b, h, j, scale, HQ: tl.constexpr, HKV: tl.constexpr,
+                      D: tl.constexpr, GS: tl.constexpr, W: tl.constexpr, PB: tl.constexpr, PRE: tl.constexpr):
+    """Query heads h * GROUP + j * GS .. + GS of sequence b over all its n positions (_attn_warp_states), their
+    normalized output written to out (no merge)."""
+    GROUP: tl.constexpr = HQ // HKV
+    d = tl.arange(0, D)
+    head0 = b * HQ + h * GROUP + j * GS
+    acc, m_i, l_i = _attn_warp_states(q_ptr + head0 * D, scale, k_base, v_base, 0, n, d, GS, HKV, D, GS, W, PB,
+                                      PRE)
+    g = tl.arange(0, GS)
+    tl.store(out_ptr + (head0 + g)[:, None] * D + d[None, :], acc / l_i[:, None])
+
+
+@triton.jit
+def _decode_attn_kernel(q_ptr, base_ptr, maxlen_ptr, len_ptr, part_o_ptr, part_ml_ptr, out_ptr, layer, scale,
+                        HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GP: tl.constexpr,
+                        SPLITS: tl.constexpr, BLOCK: tl.constexpr, KVF32: tl.constexpr, EARLY: tl.constexpr,
+                        W: tl.constexpr, PB: tl.constexpr, WMIN: tl.constexpr, SHORT: tl.constexpr,
+                        GS: tl.constexpr, SW: tl.constexpr, SPB: tl.constexpr, PRE: tl.constexpr,
+                        GDC: tl.constexpr):
+    """One (sequence b, kv head h, split s): the group's query heads (GP >= the group, padded) over positions
+    [s * chunk, (s + 1) * chunk) of the first len[b]; partial output and (max, sum) for the merge. Scores and
+    the weighted sum are float32 FMAs on CUDA cores (one query per head: no tensor-core tile to fill). A split
+    of fewer than WMIN BLOCKs takes one softmax state per head (_attn_one_state); a longer one, with W (> 0) x
+    PB = BLOCK, one per warp (_attn_warp_states); see ATTN_WARP_STATES. A sequence of at most SHORT (> 0)
+    positions is taken whole instead, GS query heads at a time on SW warps (the number it runs), and written to
+    out (no merge; the arithmetic of _decode_attn_short_kernel). EARLY (the decode step's tables were written before
+    its first kernel): lengths and cache addresses are read, and splits past the context leave, before the wait
+    for the producer of q and the newest K/V row."""
+    if not EARLY:
+        _after_producers(GDC)
+    b, h, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    GROUP: tl.constexpr = HQ // HKV
+    n = tl.load(len_ptr + b)
+    if SHORT > 0:
+        if n <= SHORT:
+            if sp < GROUP // GS:
+                k_base, v_base = _kv_bases(base_ptr, maxlen_ptr, b, h, layer, HKV, D, KVF32)
+                if EARLY:
+                    _after_producers(GDC)
+                for j in range(sp, GROUP // GS, SPLITS):
+                    _attn_short_heads(q_ptr, out_ptr, k_base, v_base, n, b, h, j, scale, HQ, HKV, D, GS, SW, SPB,
+                                      PRE)
+            return
+    chunk = _split_chunk(n, SPLITS, BLOCK)
+    lo = sp * chunk
+    if lo >= n:  # past the context: the merge reads only the splits that hold positions
+        return
+    hi = tl.minimum(lo + chunk, n)
+    k_base, v_base = _kv_bases(base_ptr, maxlen_ptr, b, h, layer, HKV, D, KVF32)
     if EARLY:
         _after_producers(GDC)
     g = tl.arange(0, GP)
@@ -864,18 +915,40 @@ def _decode_attn_kernel(q_ptr, base_ptr, maxlen_ptr, len_ptr, part_o_ptr, part_m
 
 
 @triton.jit
+def _decode_attn_short_kernel(q_ptr, base_ptr, maxlen_ptr, len_ptr, out_ptr, layer, scale,
+                              HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GS: tl.constexpr,
+                              KVF32: tl.constexpr, EARLY: tl.constexpr, W: tl.constexpr, PB: tl.constexpr,
+                              PRE: tl.constexpr, GDC: tl.constexpr):
+    """Decode attention of short contexts, no merge: program (sequence b, kv head h, j) takes query heads
+    h * GROUP + j * GS .. + GS over all len[b] positions, W x PB at a time with a softmax state per warp, and
+    writes their normalized output once (see ATTN_SHORT_MAX). EARLY as in _decode_attn_kernel."""
+    if not EARLY:
+        _after_producers(GDC)
+    b, h, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n = tl.load(len_ptr + b)
+    k_base, v_base = _kv_bases(base_ptr, maxlen_ptr, b, h, layer, HKV, D, KVF32)
+    if EARLY:
+        _after_producers(GDC)
+    _attn_short_heads(q_ptr, out_ptr, k_base, v_base, n, b, h, j, scale, HQ, HKV, D, GS, W, PB, PRE)
+
+
+@triton.jit
 def _merge_kernel(part_o_ptr, part_ml_ptr, out_ptr, len_ptr, HQ: tl.constexpr, D: tl.constexpr,
                   SPLITS: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr, EARLY: tl.constexpr,
-                  GDC: tl.constexpr):
+                  SHORT: tl.constexpr, GDC: tl.constexpr):
     """Program (sequence b, query head h): log-sum-exp merge of the head's split partials -> out [D]; only the
-    splits that hold positions (a short context fills a few of the graph's fixed count) are read. EARLY: the
-    length is read before the wait (see _decode_attn_kernel)."""
+    splits that hold positions (a short context fills a few of the graph's fixed count) are read; nothing for a
+    sequence of at most SHORT (> 0) positions (the split kernel wrote its output). EARLY: the length is read
+    before the wait (see _decode_attn_kernel)."""
     if not EARLY:
         _after_producers(GDC)
     row0 = tl.program_id(0) * SPLITS  # rows of (b * HQ + h) * SPLITS + split
     n = tl.load(len_ptr + tl.program_id(0) // HQ)
     if EARLY:
         _after_producers(GDC)
+    if SHORT > 0:
+        if n <= SHORT:
+            return
     ss = tl.arange(0, SP)
     d = tl.arange(0, D)
     smask = ss * _split_chunk(n, SPLITS, BLOCK) < n
@@ -1007,6 +1080,18 @@ ATTN_PROGRAMS_PER_SM = 4
 # stored the results in each path's own layout, the one-state path in the same kernel cost 1004 at 64.
 ATTN_WARP_STATES = True
 ATTN_WARP_STATES_MIN_BLOCKS = 3
+# Decode attention takes a sequence of at most ATTN_SHORT_MAX positions (0: none) whole, with no splits and no
+# merge: a program per (sequence, kv head, ATTN_SHORT_HEADS query heads), ATTN_WARPS softmax states of
+# ATTN_SHORT_PB positions a step, each step's rows asked for during the step before (ATTN_SHORT_PREFETCH). The
+# fused decode step captures a graph for steps whose sequences are all that short (one attention kernel a layer:
+# _decode_attn_short_kernel) and one for the others (the split kernel takes the short ones the same way, and the
+# merge skips them), so a sequence's result never depends on the batch around it. H200, decode step of one
+# sequence, us, alternating in one run (no short path / short / short with prefetch / 16 warps with prefetch):
+# 64 tokens of context 984.0 / 964.3 / 958.7 / 973.9, 96 1020.1 / 1002.8 / 997.0 / 995.2, 128 1031.2 / 1040.2 /
+# 1034.8 / 1017.7, 192 1033.9 / 1115.5 / 1110.6 / 1062.8; 16 sequences at 64: 2859.0 / 2690.5 / 2693.4. 8
+# positions a warp (a step of 64) 1213.7 at 64 tokens; 4 query heads a program (5 programs) 1104.0.
+ATTN_SHORT_MAX = 96
+ATTN_SHORT_HEADS, ATTN_SHORT_PB, ATTN_SHORT_PREFETCH = 1, 2, True
 PAIR_TILE = 16  # row pairs per ternary tile and gemv program (64 contiguous bytes per word row)
 GEMM_WORDS = 64  # words per ternary GEMM step (64 / 32: 157 / 200 us per layer at 64 tokens on an H200)
 GEMV_WARPS = 8  # tiles of 8 / 16 pairs with 2 / 4 / 8 warps measured on an H200: 16 pairs, 8 warps fastest
@@ -1462,31 +1547,42 @@ def choose_splits(batch: int, hkv: int, max_ctx: int, sms: int) -> int:
 
 def decode_attention_tables(q: torch.Tensor, base: torch.Tensor, maxlen: torch.Tensor, lengths: torch.Tensor,
                             layer: int, hkv: int, splits: int, *, scratch: dict | None = None,
-                            kv_f32: bool = False, early: bool = False) -> torch.Tensor:
+                            kv_f32: bool = False, early: bool = False, short_max: int = 0,
+                            short: bool = False) -> torch.Tensor:
     """Split-KV decode attention for B sequences (one query token each) whose caches are found through
     ``base`` (int64 addresses of [L, 2, max_len, Hkv, D] caches), ``maxlen`` and ``lengths`` (int32).
     q float32 [B, Hq, D] (already rotated) -> float32 [B, Hq * D]: the split kernel writes each split's
-    partial output and (max, sum), the merge kernel combines them with log-sum-exp. ``early``: the tables came
-    with the decode step's host-to-device copy, before its first kernel (no kernel writes them), so the kernels
-    read them before they wait for their producer (see EARLY_TABLES)."""
+    partial output and (max, sum), the merge kernel combines them with log-sum-exp; a sequence of at most
+    ``short_max`` positions is taken whole by the split kernel's programs, without splits or merge. ``short``
+    (every length at most short_max): the short-context kernel alone, the same arithmetic per sequence, no merge
+    kernel. ``early``: the tables came with the decode step's host-to-device copy, before its first kernel (no
+    kernel writes them), so the kernels read them before they wait for their producer (see EARLY_TABLES)."""
     early = early and EARLY_TABLES
     b, hq, d = q.shape
     dev = q.device
-    gp = max(2, _pow2(hq // hkv))
+    group = hq // hkv
+    gs = ATTN_SHORT_HEADS if group % ATTN_SHORT_HEADS == 0 and _pow2(ATTN_SHORT_HEADS) == ATTN_SHORT_HEADS else 1
+    short_args = dict(GS=gs, PRE=ATTN_SHORT_PREFETCH, num_warps=ATTN_WARPS, num_stages=1, **_pdl(dev))
+    out = torch.empty((b, hq * d), dtype=torch.float32, device=dev)
+    if short:
+        _decode_attn_short_kernel[(b, hkv, group // gs)](q, base, maxlen, lengths, out, layer, d ** -0.5, HQ=hq,
+                                                         HKV=hkv, D=d, KVF32=kv_f32, EARLY=early, W=ATTN_WARPS,
+                                                         PB=ATTN_SHORT_PB, **short_args)
+        return out
+    gp = max(2, _pow2(group))
     scr = scratch if scratch is not None else {}
     if scr.get("po") is None or scr["po"].shape[0] < b * hq * splits:
         scr["po"] = torch.empty((b * hq * splits, d), dtype=torch.float32, device=dev)
         scr["pml"] = torch.empty((b * hq * splits, 2), dtype=torch.float32, device=dev)
     pb = ATTN_BLOCK // ATTN_WARPS if ATTN_WARP_STATES and ATTN_BLOCK % ATTN_WARPS == 0 else 0
-    _decode_attn_kernel[(b, hkv, splits)](q, base, maxlen, lengths, scr["po"], scr["pml"], layer, d ** -0.5,
+    _decode_attn_kernel[(b, hkv, splits)](q, base, maxlen, lengths, scr["po"], scr["pml"], out, layer, d ** -0.5,
                                           HQ=hq, HKV=hkv, D=d, GP=gp, SPLITS=splits, BLOCK=ATTN_BLOCK,
                                           KVF32=kv_f32, EARLY=early, W=ATTN_WARPS if pb else 0, PB=max(pb, 1),
-                                          WMIN=ATTN_WARP_STATES_MIN_BLOCKS,
-                                          num_warps=ATTN_WARPS, num_stages=1, **_pdl(dev))
-    out = torch.empty((b, hq * d), dtype=torch.float32, device=dev)
+                                          WMIN=ATTN_WARP_STATES_MIN_BLOCKS, SHORT=short_max, SW=ATTN_WARPS,
+                                          SPB=ATTN_SHORT_PB, **short_args)
     _merge_kernel[(b * hq,)](scr["po"], scr["pml"], out, lengths, HQ=hq, D=d, SPLITS=splits,
-                             SP=max(2, _pow2(splits)), BLOCK=ATTN_BLOCK, EARLY=early, num_warps=MERGE_WARPS,
-                             **_pdl(dev))
+                             SP=max(2, _pow2(splits)), BLOCK=ATTN_BLOCK, EARLY=early, SHORT=short_max,
+                             num_warps=MERGE_WARPS, **_pdl(dev))
     return out
 
 
@@ -1504,11 +1600,13 @@ def stack_kv(k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
 
 
 def decode_attention_kv(q: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor,
-                        num_splits: int | None = None, early: bool = False) -> torch.Tensor:
+                        num_splits: int | None = None, early: bool = False, short_max: int = 0,
+                        short: bool = False) -> torch.Tensor:
     """Split-KV decode attention over caches in the kernels' layout (``stack_kv``): q float32 [B, Hq, D],
     lengths int32 [B] -> float32 [B, Hq, D]. ``num_splits=1`` is the one-block-per-(sequence, kv head) kernel;
     None chooses the split count from the SM count. ``early``: the tables read before the wait, as the decode
-    step runs it (see ``decode_attention_tables``)."""
+    step runs it; ``short_max``, ``short``: sequences taken whole, no splits or merge (see
+    ``decode_attention_tables``)."""
     b, hq, d = q.shape
     max_len, hkv = kv.shape[3], kv.shape[4]
     base = torch.tensor([kv[i].data_ptr() for i in range(b)], dtype=torch.int64, device=q.device)
@@ -1516,14 +1614,15 @@ def decode_attention_kv(q: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor
     if num_splits is None:
         num_splits = choose_splits(b, hkv, int(lengths.max()), sm_count(q.device))
     out = decode_attention_tables(q.contiguous(), base, maxlen, lengths.to(torch.int32), 0, hkv, num_splits,
-                                  kv_f32=kv.dtype == torch.float32, early=early)
+                                  kv_f32=kv.dtype == torch.float32, early=early, short_max=short_max, short=short)
     return out.view(b, hq, d)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
-                     num_splits: int | None = None, early: bool = False) -> torch.Tensor:
+                     num_splits: int | None = None, early: bool = False, short_max: int = 0,
+                     short: bool = False) -> torch.Tensor:
     """``decode_attention_kv`` on k, v [B, max_len, Hkv, D] (float16 or float32), copied into the layout."""
-    return decode_attention_kv(q, stack_kv(k_cache, v_cache), lengths, num_splits, early)
+    return decode_attention_kv(q, stack_kv(k_cache, v_cache), lengths, num_splits, early, short_max, short)
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int) -> torch.Tensor:
