@@ -773,9 +773,9 @@ def _attn_one_state(q_rows, scale, k_base, v_base, lo, hi, d, GROUP: tl.constexp
 
 
 @triton.jit
-def _warp_rows(k_base, v_base, p, hi, d, HKV: tl.constexpr, D: tl.constexpr):
-    """Keys and values of positions p [PB, W] (those < hi; zeros past it) as float32 [1, PB, W, D]."""
-    pmask = (p < hi)[None, :, :, None]
+def _warp_rows(k_base, v_base, p, lo, hi, d, HKV: tl.constexpr, D: tl.constexpr):
+    """Keys and values of positions p [PB, W] (those in [lo, hi); zeros elsewhere) as float32 [1, PB, W, D]."""
+    pmask = ((p >= lo) & (p < hi))[None, :, :, None]
     rows = p[None, :, :, None] * (HKV * D) + d[None, None, None, :]
     k = tl.load(tl.max_contiguous(tl.multiple_of(k_base + rows, [1, 1, 1, 16]), [1, 1, 1, 16]),
                 mask=pmask, other=0.0).to(tl.float32)
@@ -787,13 +787,14 @@ def _warp_rows(k_base, v_base, p, hi, d, HKV: tl.constexpr, D: tl.constexpr):
 @triton.jit
 def _attn_warp_states(q_rows, scale, k_base, v_base, lo, hi, d, GROUP: tl.constexpr, HKV: tl.constexpr,
                       D: tl.constexpr, GP: tl.constexpr, W: tl.constexpr, PB: tl.constexpr,
-                      PRE: tl.constexpr = False):
+                      PRE: tl.constexpr = False, k_first=None, v_first=None, FIRST: tl.constexpr = False):
     """_attn_one_state with W running states per query head, one per warp: a step takes W x PB positions (warp
     w: PB of them) and the W states are merged once, at the end. The tensors are [GP, PB, W, D] throughout
     (the states keep size-1 dims) and the keys and values are loaded in that shape, so every op keeps the
     loads' layout (lanes along D and PB, warps along W): a step's sums over D and PB stay in a warp, with no
     layout exchange through shared memory. Dearer than one state for a single step (the final merge). PRE: each
-    step's keys and values are asked for before the step before it computes (two steps' rows in registers)."""
+    step's keys and values are asked for before the step before it computes (two steps' rows in registers);
+    FIRST (with PRE): the first step's are k_first, v_first (_warp_rows of lo + wj), loaded by the caller."""
     wj = tl.arange(0, PB)[:, None] + tl.arange(0, W)[None, :] * PB  # [PB, W]
     g4 = tl.arange(0, GP)[:, None, None, None]
     q4 = tl.load(q_rows + g4 * D + d[None, None, None, :], mask=g4 < GROUP, other=0.0) * scale  # [GP, 1, 1, D]
@@ -801,15 +802,18 @@ def _attn_warp_states(q_rows, scale, k_base, v_base, lo, hi, d, GROUP: tl.conste
     l_i = tl.zeros([GP, 1, W, 1], dtype=tl.float32)
     acc = tl.zeros([GP, 1, W, D], dtype=tl.float32)
     if PRE:
-        k_n, v_n = _warp_rows(k_base, v_base, lo + wj, hi, d, HKV, D)
+        if FIRST:
+            k_n, v_n = k_first, v_first
+        else:
+            k_n, v_n = _warp_rows(k_base, v_base, lo + wj, lo, hi, d, HKV, D)
     for p0 in range(lo, hi, W * PB):
         p = p0 + wj
         pmask = (p < hi)[None, :, :, None]
         if PRE:
             k, v = k_n, v_n
-            k_n, v_n = _warp_rows(k_base, v_base, p + W * PB, hi, d, HKV, D)
+            k_n, v_n = _warp_rows(k_base, v_base, p + W * PB, lo, hi, d, HKV, D)
         else:
-            k, v = _warp_rows(k_base, v_base, p, hi, d, HKV, D)
+            k, v = _warp_rows(k_base, v_base, p, lo, hi, d, HKV, D)
         sc = tl.sum(q4 * k, 3, keep_dims=True)  # [GP, PB, W, 1]
         sc = tl.where(pmask, sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, 1, keep_dims=True))
@@ -847,14 +851,15 @@ def _kv_bases(base_ptr, maxlen_ptr, b, h, layer, HKV: tl.constexpr, D: tl.conste
 
 @triton.jit
 def _attn_short_heads(q_ptr, out_ptr, k_base, v_base, n, b, h, j, scale, HQ: tl.constexpr, HKV: tl.constexpr,
-                      D: tl.constexpr, GS: tl.constexpr, W: tl.constexpr, PB: tl.constexpr, PRE: tl.constexpr):
-    """Query heads h * GROUP + j * GS .. + GS of sequence b over all its n positions (_attn_warp_states), their
-    normalized output written to out (no merge)."""
+                      D: tl.constexpr, GS: tl.constexpr, W: tl.constexpr, PB: tl.constexpr, PRE: tl.constexpr,
+                      k_first=None, v_first=None, FIRST: tl.constexpr = False):
+    """Query heads h * GROUP + j * GS .. + GS of sequence b over all its n positions (_attn_warp_states; FIRST:
+    the first step's rows given), their normalized output written to out (no merge)."""
     GROUP: tl.constexpr = HQ // HKV
     d = tl.arange(0, D)
     head0 = b * HQ + h * GROUP + j * GS
     acc, m_i, l_i = _attn_warp_states(q_ptr + head0 * D, scale, k_base, v_base, 0, n, d, GS, HKV, D, GS, W, PB,
-                                      PRE)
+                                      PRE, k_first, v_first, FIRST)
     g = tl.arange(0, GS)
     tl.store(out_ptr + (head0 + g)[:, None] * D + d[None, :], acc / l_i[:, None])
 
@@ -918,18 +923,30 @@ def _decode_attn_kernel(q_ptr, base_ptr, maxlen_ptr, len_ptr, part_o_ptr, part_m
 def _decode_attn_short_kernel(q_ptr, base_ptr, maxlen_ptr, len_ptr, out_ptr, layer, scale,
                               HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GS: tl.constexpr,
                               KVF32: tl.constexpr, EARLY: tl.constexpr, W: tl.constexpr, PB: tl.constexpr,
-                              PRE: tl.constexpr, GDC: tl.constexpr):
+                              PRE: tl.constexpr, OLD: tl.constexpr, GDC: tl.constexpr):
     """Decode attention of short contexts, no merge: program (sequence b, kv head h, j) takes query heads
     h * GROUP + j * GS .. + GS over all len[b] positions, W x PB at a time with a softmax state per warp, and
-    writes their normalized output once (see ATTN_SHORT_MAX). EARLY as in _decode_attn_kernel."""
+    writes their normalized output once (see ATTN_SHORT_MAX). EARLY as in _decode_attn_kernel; OLD (with EARLY
+    and PRE): the first step's cached rows older than the newest are read before the wait as well (no kernel of
+    the step writes them; the newest, which the q/k/v gemv just appended, after it)."""
     if not EARLY:
         _after_producers(GDC)
     b, h, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = tl.load(len_ptr + b)
     k_base, v_base = _kv_bases(base_ptr, maxlen_ptr, b, h, layer, HKV, D, KVF32)
+    if OLD:
+        d = tl.arange(0, D)
+        wj = tl.arange(0, PB)[:, None] + tl.arange(0, W)[None, :] * PB
+        k_old, v_old = _warp_rows(k_base, v_base, wj, 0, n - 1, d, HKV, D)
     if EARLY:
         _after_producers(GDC)
-    _attn_short_heads(q_ptr, out_ptr, k_base, v_base, n, b, h, j, scale, HQ, HKV, D, GS, W, PB, PRE)
+    if OLD:
+        k_new, v_new = _warp_rows(k_base, v_base, wj, n - 1, n, d, HKV, D)
+        newest = (wj == n - 1)[None, :, :, None]
+        _attn_short_heads(q_ptr, out_ptr, k_base, v_base, n, b, h, j, scale, HQ, HKV, D, GS, W, PB, PRE,
+                          tl.where(newest, k_new, k_old), tl.where(newest, v_new, v_old), True)
+    else:
+        _attn_short_heads(q_ptr, out_ptr, k_base, v_base, n, b, h, j, scale, HQ, HKV, D, GS, W, PB, PRE)
 
 
 @triton.jit
@@ -1092,6 +1109,11 @@ ATTN_WARP_STATES_MIN_BLOCKS = 3
 # positions a warp (a step of 64) 1213.7 at 64 tokens; 4 query heads a program (5 programs) 1104.0.
 ATTN_SHORT_MAX = 96
 ATTN_SHORT_HEADS, ATTN_SHORT_PB, ATTN_SHORT_PREFETCH = 1, 2, True
+# With early tables, steps of at most this many (sequence, query head) rows read the first step's cached rows
+# older than the newest before the short kernel waits for q (_decode_attn_short_kernel's OLD). H200, decode step
+# at 64 tokens of context, alternating in one run: one sequence 952.0 us against 958.5 without; 16 sequences (320
+# rows) 2696.8 against 2696.7.
+ATTN_SHORT_OLD_HEADS = 64
 PAIR_TILE = 16  # row pairs per ternary tile and gemv program (64 contiguous bytes per word row)
 GEMM_WORDS = 64  # words per ternary GEMM step (64 / 32: 157 / 200 us per layer at 64 tokens on an H200)
 GEMV_WARPS = 8  # tiles of 8 / 16 pairs with 2 / 4 / 8 warps measured on an H200: 16 pairs, 8 warps fastest
@@ -1565,9 +1587,10 @@ def decode_attention_tables(q: torch.Tensor, base: torch.Tensor, maxlen: torch.T
     short_args = dict(GS=gs, PRE=ATTN_SHORT_PREFETCH, num_warps=ATTN_WARPS, num_stages=1, **_pdl(dev))
     out = torch.empty((b, hq * d), dtype=torch.float32, device=dev)
     if short:
+        old = early and ATTN_SHORT_PREFETCH and b * hq <= ATTN_SHORT_OLD_HEADS
         _decode_attn_short_kernel[(b, hkv, group // gs)](q, base, maxlen, lengths, out, layer, d ** -0.5, HQ=hq,
                                                          HKV=hkv, D=d, KVF32=kv_f32, EARLY=early, W=ATTN_WARPS,
-                                                         PB=ATTN_SHORT_PB, **short_args)
+                                                         PB=ATTN_SHORT_PB, OLD=old, **short_args)
         return out
     gp = max(2, _pow2(group))
     scr = scratch if scratch is not None else {}
