@@ -23,8 +23,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # decode_graph
 
 from decode_graph import DecodeGraph, add_step_args, gpu_missing  # noqa: E402
 
-# the decode step's kernels per layer, in launch order, for one sequence (backend.DecodeStep.body)
+# the decode step's kernels per layer, in launch order, for one sequence (backend.DecodeStep.body); at contexts of
+# at most kernels.ATTN_SHORT_MAX positions there is no merge
 LAYER = ("q/k/v gemv", "attention", "merge", "o gemv", "gate/up gemv", "down gemv")
+LAYER_SHORT = tuple(k for k in LAYER if k != "merge")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,22 +36,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def chain_times(events: list, replays: int, layers: int) -> list[tuple[str, int, float]]:
+def chain_times(events: list, replays: int, layers: int, roles: bool = True) -> list[tuple[str, int, float]]:
     """[(kernel, calls per replay, us per replay)] from the device events of ``replays`` back-to-back replays
     (start-ordered dicts with ``name`` and ``end`` in us), dearest first. The layers' kernels, between the first
     (the embedding) and the last one to three (the lm_head, with the final norm where it is a kernel of its own),
-    are named by their place in the layer. The first quarter of the replays is left out (warm-up); a replay's
-    first kernel has no predecessor in it and is not counted."""
+    are named by their place in the layer: with ``roles`` (one sequence) by LAYER's or LAYER_SHORT's names where
+    the count per layer is theirs, else by kernel name and index. The first quarter of the replays is left out
+    (warm-up); a replay's first kernel has no predecessor in it and is not counted."""
     n = len(events) // replays
     if n < 2 or n * replays != len(events):
         raise ValueError(f"{len(events)} kernel events do not split into {replays} replays")
     tails = [t for t in (1, 2, 3) if layers and n - 1 - t >= layers and (n - 1 - t) % layers == 0]
     per = (n - 1 - tails[0]) // layers if tails else 0
+    names = {len(LAYER): LAYER, len(LAYER_SHORT): LAYER_SHORT}.get(per) if roles else None
 
     def key(j: int, name: str) -> str:
         if not per or not 1 <= j <= per * layers:
             return name
-        return LAYER[(j - 1) % per] if per == len(LAYER) else f"{name} #{(j - 1) % per}"
+        return names[(j - 1) % per] if names else f"{name} #{(j - 1) % per}"
 
     tot: dict[str, float] = {}
     calls: dict[str, int] = {}
@@ -102,7 +106,7 @@ def main(argv=None) -> int:
         evs = [{"name": e.name, "end": e.time_range.end}
                for e in sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
                                key=lambda e: e.time_range.start)]
-        rows = chain_times(evs, args.profiled, dg.net.config.num_hidden_layers)
+        rows = chain_times(evs, args.profiled, dg.net.config.num_hidden_layers, roles=args.batch == 1)
         print(f"  {'kernel':34s} {'calls':>5s} {'us/step':>8s} {'us/call':>8s}")
         for name, calls, us in rows:
             print(f"  {name[:34]:34s} {calls:5d} {us:8.1f} {us / max(1, calls):8.2f}")

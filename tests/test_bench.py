@@ -183,7 +183,7 @@ def test_gpu_registers_reports_the_decode_gemvs_without_spills(capsys):
 def test_gpu_step_chain_times_by_hand():
     """benchmarks/gpu_step.py's per-kernel chain times: each kernel's end minus its predecessor's, per replay,
     named by the kernel's place in the layer (embedding, 2 layers of the six decode kernels, the final norm and
-    the lm_head, as the int8 head runs them)."""
+    the lm_head, as the int8 head runs them; five kernels a layer at a short context; indices for a batch)."""
     mod = benchmark_script("gpu_step")
     names = ["embed"] + ["tgemv", "attn", "merge", "tgemv", "tgemv", "tgemv"] * 2 + ["norm", "gemm"]
     rng = np.random.default_rng()
@@ -205,6 +205,11 @@ def test_gpu_step_chain_times_by_hand():
     assert {k for k, _, _ in mod.chain_times(events[:14] + short, 2, 2)} == set(mod.LAYER) | {"norm"}
     odd = mod.chain_times(events[:9] * 2, 2, 10)  # 9 kernels cannot hold 10 layers: plain names
     assert {k for k, _, _ in odd} == {"tgemv", "attn", "merge"}
+    assert {k for k, _, _ in mod.chain_times(events[:14] + short, 2, 2, roles=False)} == {
+        "tgemv #0", "attn #1", "merge #2", "tgemv #3", "tgemv #4", "tgemv #5", "norm"}  # batched: indices
+    five = ["embed"] + ["tgemv", "attn_short", "tgemv", "tgemv", "tgemv"] * 2 + ["norm", "gemm"]
+    ends = [{"name": k, "end": float(i)} for i, k in enumerate(five)] * 2  # a short context: no merge kernel
+    assert {k for k, _, _ in mod.chain_times(ends, 2, 2)} == set(mod.LAYER_SHORT) | {"norm", "gemm"}
     with pytest.raises(ValueError, match="do not split"):
         mod.chain_times(events[:-1], replays, 2)
 

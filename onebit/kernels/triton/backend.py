@@ -529,11 +529,11 @@ class DecodeStep:
         self.done = [torch.cuda.Event() if pin else None for _ in range(2)]
         self.slot = 0
         self.busy = False  # a greedy chain is open on this step (TritonCudaBackend.greedy_chain)
-        # a graph per attention class: short (every context at most K.ATTN_SHORT_MAX: no merge kernel) or not;
+        # a graph and its logits per attention class: short (every context at most K.ATTN_SHORT_MAX: no merge
+        # kernel) or not; a class's first step runs eagerly (Triton compiles then), its next one is captured.
         # graph: the one the last launch replayed
-        self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
-        self.outs: dict[bool, torch.Tensor] = {}  # each graph's logits
-        self.eager_runs: dict[bool, int] = {}
+        self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.ran_eagerly: set[bool] = set()
         self.graph = None
         self.logits = None
         self.h_logits = None  # pinned host copy of the logits, made at the first step
@@ -559,7 +559,7 @@ class DecodeStep:
         if last >= self.cos.shape[0]:  # positions past the RoPE tables: grow them
             self.cos, self.sin = self.be.rope_tables(float(self.cfg.rope_theta), self.d // 2, 2 * last + 1)
             self.graphs.clear()  # the graphs read the old tables: capture again
-            self.eager_runs.clear()
+            self.ran_eagerly.clear()
         short = last + 1 <= K.ATTN_SHORT_MAX
         slot = self.slot
         self.slot ^= 1
@@ -573,15 +573,14 @@ class DecodeStep:
         h_i32[2] = [c.max_len for c in caches]
         h_base[:] = [c.kv.data_ptr() for c in caches]
         self.d_buf.copy_(self.h_bufs[slot], non_blocking=True)
-        self.graph = self.graphs.get(short)
-        if self.graph is None and self.be.graphs and self.eager_runs.get(short, 0) >= 1:
+        if short not in self.graphs and self.be.graphs and short in self.ran_eagerly:
             self._capture(short)
-        if self.graph is not None:
+        if short in self.graphs:
+            self.graph, self.logits = self.graphs[short]
             self.graph.replay()
-            self.logits = self.outs[short]
         else:
-            self.logits = self.body(short)
-            self.eager_runs[short] = self.eager_runs.get(short, 0) + 1
+            self.graph, self.logits = None, self.body(short)
+            self.ran_eagerly.add(short)
         self.runs += 1
         if greedy:
             self.h_keys[slot][:n].copy_(self.keys[:n], non_blocking=True)
@@ -608,8 +607,8 @@ class DecodeStep:
         torch.cuda.synchronize(self.be.device)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            self.outs[short] = self.body(short)
-        self.graph = self.graphs[short] = g
+            logits = self.body(short)
+        self.graphs[short] = (g, logits)
 
     def body(self, short: bool) -> torch.Tensor:
         """The whole decode step on the static inputs (eager, or recorded into the graph); ``short``: every

@@ -773,9 +773,9 @@ def _attn_one_state(q_rows, scale, k_base, v_base, lo, hi, d, GROUP: tl.constexp
 
 
 @triton.jit
-def _warp_rows(k_base, v_base, p, lo, hi, d, HKV: tl.constexpr, D: tl.constexpr):
-    """Keys and values of positions p [PB, W] (those in [lo, hi); zeros elsewhere) as float32 [1, PB, W, D]."""
-    pmask = ((p >= lo) & (p < hi))[None, :, :, None]
+def _warp_rows(k_base, v_base, p, valid, d, HKV: tl.constexpr, D: tl.constexpr):
+    """Keys and values of positions p [PB, W] where ``valid`` [PB, W] (zeros elsewhere) as float32 [1, PB, W, D]."""
+    pmask = valid[None, :, :, None]
     rows = p[None, :, :, None] * (HKV * D) + d[None, None, None, :]
     k = tl.load(tl.max_contiguous(tl.multiple_of(k_base + rows, [1, 1, 1, 16]), [1, 1, 1, 16]),
                 mask=pmask, other=0.0).to(tl.float32)
@@ -805,15 +805,15 @@ def _attn_warp_states(q_rows, scale, k_base, v_base, lo, hi, d, GROUP: tl.conste
         if FIRST:
             k_n, v_n = k_first, v_first
         else:
-            k_n, v_n = _warp_rows(k_base, v_base, lo + wj, lo, hi, d, HKV, D)
+            k_n, v_n = _warp_rows(k_base, v_base, lo + wj, lo + wj < hi, d, HKV, D)
     for p0 in range(lo, hi, W * PB):
         p = p0 + wj
         pmask = (p < hi)[None, :, :, None]
         if PRE:
             k, v = k_n, v_n
-            k_n, v_n = _warp_rows(k_base, v_base, p + W * PB, lo, hi, d, HKV, D)
+            k_n, v_n = _warp_rows(k_base, v_base, p + W * PB, p + W * PB < hi, d, HKV, D)
         else:
-            k, v = _warp_rows(k_base, v_base, p, lo, hi, d, HKV, D)
+            k, v = _warp_rows(k_base, v_base, p, p < hi, d, HKV, D)
         sc = tl.sum(q4 * k, 3, keep_dims=True)  # [GP, PB, W, 1]
         sc = tl.where(pmask, sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, 1, keep_dims=True))
@@ -937,14 +937,15 @@ def _decode_attn_short_kernel(q_ptr, base_ptr, maxlen_ptr, len_ptr, out_ptr, lay
     if OLD:
         d = tl.arange(0, D)
         wj = tl.arange(0, PB)[:, None] + tl.arange(0, W)[None, :] * PB
-        k_old, v_old = _warp_rows(k_base, v_base, wj, 0, n - 1, d, HKV, D)
+        k_old, v_old = _warp_rows(k_base, v_base, wj, wj < n - 1, d, HKV, D)
     if EARLY:
         _after_producers(GDC)
     if OLD:
-        k_new, v_new = _warp_rows(k_base, v_base, wj, n - 1, n, d, HKV, D)
-        newest = (wj == n - 1)[None, :, :, None]
+        newest = wj == n - 1
+        k_new, v_new = _warp_rows(k_base, v_base, wj, newest, d, HKV, D)
         _attn_short_heads(q_ptr, out_ptr, k_base, v_base, n, b, h, j, scale, HQ, HKV, D, GS, W, PB, PRE,
-                          tl.where(newest, k_new, k_old), tl.where(newest, v_new, v_old), True)
+                          tl.where(newest[None, :, :, None], k_new, k_old),
+                          tl.where(newest[None, :, :, None], v_new, v_old), True)
     else:
         _attn_short_heads(q_ptr, out_ptr, k_base, v_base, n, b, h, j, scale, HQ, HKV, D, GS, W, PB, PRE)
 
