@@ -95,7 +95,7 @@ def test_llama_cpp_logits_are_close_to_ours(tmp_path):
     model, they stay within 5% of max|logit| of ours and pick our token at 3 steps of 4 or more. Over 30 seeds
     the error was 0.6-1.9% and llama.cpp picked our token at 14 to 16 of 16 steps: a random model's near-ties
     (top two logits closer than the error) are where it may differ."""
-    src, ours, llm, prompt = gguf_and_llama(tmp_path, int(np.random.default_rng().integers(1 << 20)))
+    _, ours, llm, prompt = gguf_and_llama(tmp_path, int(np.random.default_rng().integers(1 << 20)))
     mine = greedy(ours, prompt)
     seq = prompt + mine
     want = ours.logits(seq[:-1])
